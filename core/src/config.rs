@@ -1,0 +1,119 @@
+//! Configuration types shared by every layer. Loading them (file, then `MYELIN_*` environment
+//! variables) is the binary's job; core only holds the values and their defaults.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+/// Who may create accounts through `POST /register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    /// Only an admin (`myelin user create`) makes accounts.
+    #[default]
+    Closed,
+    /// Registration needs a token made by `myelin registration-token create`.
+    Token,
+    /// Anyone may register (`m.login.dummy`).
+    Open,
+}
+
+impl std::str::FromStr for RegistrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "closed" => Ok(Self::Closed),
+            "token" => Ok(Self::Token),
+            "open" => Ok(Self::Open),
+            other => Err(format!("expected closed, token or open, got {other:?}")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            other => Err(format!("expected pretty or json, got {other:?}")),
+        }
+    }
+}
+
+/// The whole server configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The server name in user IDs and room aliases (`@alice:SERVER_NAME`).
+    pub server_name: String,
+    /// Address of the plain-HTTP Client-Server API listener.
+    pub client_listen: SocketAddr,
+    /// Base URL clients are told to use in `/.well-known/matrix/client`; defaults to
+    /// `http://<client_listen>`.
+    pub public_base_url: Option<String>,
+    /// Directory for the signing key and the SQLite database.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://...`; defaults to `sqlite://<data_dir>/myelin.db`.
+    pub database_url: Option<String>,
+    /// Connection pool size.
+    pub database_max_connections: u32,
+    /// Registration mode: `closed`, `token` or `open`.
+    pub registration: RegistrationMode,
+    /// Largest request body accepted, in bytes (413 `M_TOO_LARGE` beyond).
+    pub max_request_body_bytes: usize,
+    /// Largest event accepted, in bytes of its canonical JSON (the spec's limit is 65,536).
+    pub max_event_bytes: usize,
+    /// Lifetime of access tokens issued with a refresh token, in milliseconds.
+    pub access_token_lifetime_ms: u64,
+    /// `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `myelin=debug,info`.
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost:8008".to_owned(),
+            client_listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            public_base_url: None,
+            data_dir: PathBuf::from("./myelin-data"),
+            database_url: None,
+            database_max_connections: 16,
+            registration: RegistrationMode::Closed,
+            max_request_body_bytes: 10 * 1024 * 1024,
+            max_event_bytes: 65_536,
+            access_token_lifetime_ms: 60 * 60 * 1000,
+            log_format: LogFormat::Pretty,
+            log_filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("myelin.db").display())
+        })
+    }
+
+    /// The base URL advertised to clients.
+    pub fn public_base_url(&self) -> String {
+        self.public_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.client_listen))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+}

@@ -1,0 +1,155 @@
+//! The one error type of `myelin-core`: a Matrix error (status, errcode, message) or an internal
+//! failure. The HTTP layers turn it into a Matrix error response in exactly one place.
+
+use std::fmt;
+
+/// A Matrix error code with the HTTP status the spec pairs it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Forbidden,
+    UnknownToken { soft_logout: bool },
+    MissingToken,
+    BadJson,
+    NotJson,
+    NotFound,
+    LimitExceeded,
+    Unrecognized,
+    MethodNotAllowed,
+    Unknown,
+    UserInUse,
+    InvalidUsername,
+    RoomInUse,
+    InvalidRoomState,
+    UnsupportedRoomVersion,
+    InvalidParam,
+    TooLarge,
+    Exclusive,
+    UserDeactivated,
+    BadState,
+    GuestAccessForbidden,
+    MissingParam,
+    Unauthorized,
+}
+
+impl ErrorKind {
+    pub fn errcode(self) -> &'static str {
+        use ErrorKind::*;
+        match self {
+            Forbidden => "M_FORBIDDEN",
+            UnknownToken { .. } => "M_UNKNOWN_TOKEN",
+            MissingToken => "M_MISSING_TOKEN",
+            BadJson => "M_BAD_JSON",
+            NotJson => "M_NOT_JSON",
+            NotFound => "M_NOT_FOUND",
+            LimitExceeded => "M_LIMIT_EXCEEDED",
+            Unrecognized | MethodNotAllowed => "M_UNRECOGNIZED",
+            Unknown => "M_UNKNOWN",
+            UserInUse => "M_USER_IN_USE",
+            InvalidUsername => "M_INVALID_USERNAME",
+            RoomInUse => "M_ROOM_IN_USE",
+            InvalidRoomState => "M_INVALID_ROOM_STATE",
+            UnsupportedRoomVersion => "M_UNSUPPORTED_ROOM_VERSION",
+            InvalidParam => "M_INVALID_PARAM",
+            TooLarge => "M_TOO_LARGE",
+            Exclusive => "M_EXCLUSIVE",
+            UserDeactivated => "M_USER_DEACTIVATED",
+            BadState => "M_BAD_STATE",
+            GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
+            MissingParam => "M_MISSING_PARAM",
+            Unauthorized => "M_UNAUTHORIZED",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        use ErrorKind::*;
+        match self {
+            Forbidden | UserDeactivated | GuestAccessForbidden => 403,
+            UnknownToken { .. } | MissingToken | Unauthorized => 401,
+            NotFound | Unrecognized => 404,
+            MethodNotAllowed => 405,
+            LimitExceeded => 429,
+            TooLarge => 413,
+            Unknown => 500,
+            _ => 400,
+        }
+    }
+}
+
+/// Errors of core operations.
+#[derive(Debug)]
+pub enum Error {
+    /// A failure the client (or peer) caused, reported with its Matrix errcode.
+    Matrix { kind: ErrorKind, message: String },
+    /// A database failure.
+    Database(sqlx::Error),
+    /// Anything else that should not happen; logged, reported as 500 `M_UNKNOWN`.
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error::Matrix { kind, message: message.into() }
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Forbidden, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, m)
+    }
+    pub fn bad_json(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadJson, m)
+    }
+    pub fn invalid_param(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidParam, m)
+    }
+    pub fn missing_param(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::MissingParam, m)
+    }
+    pub fn too_large(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::TooLarge, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Error::Internal(m.into())
+    }
+
+    /// The Matrix errcode kind this error is reported with.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Matrix { kind, .. } => *kind,
+            _ => ErrorKind::Unknown,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Error::Matrix { message, .. } => message.clone(),
+            Error::Database(_) | Error::Internal(_) => "Internal server error".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Matrix { kind, message } => write!(f, "{}: {message}", kind.errcode()),
+            Error::Database(e) => write!(f, "database error: {e}"),
+            Error::Internal(m) => write!(f, "internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Database(e)
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Internal(format!("json: {e}"))
+    }
+}
