@@ -1,1 +1,204 @@
+//! `myelin-client-api`: the axum router for `/_matrix/client/*` and `/.well-known/matrix/*`.
+//!
+//! Handlers are thin: extract and validate (ids → `M_INVALID_PARAM`, bodies → `M_NOT_JSON` /
+//! `M_BAD_JSON`), authorise the caller, call into `myelin-core`, render JSON. One file per area
+//! of the Client-Server API, named after its spec section.
 
+use std::sync::Arc;
+
+use axum::{
+    extract::DefaultBodyLimit,
+    http::{header, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Router,
+};
+use myelin_core::{ErrorKind, Server};
+use tower_http::cors::{Any, CorsLayer};
+
+mod account;
+mod account_data;
+mod devices;
+mod directory;
+mod discovery;
+pub mod error;
+pub mod extract;
+mod filter;
+mod membership;
+mod message;
+mod profile;
+mod push;
+mod room;
+mod sync;
+mod uia;
+
+use error::err;
+
+/// Routes served under each version prefix (`v3`, and the legacy `r0`).
+fn versioned() -> Router<Arc<Server>> {
+    Router::new()
+        // Accounts
+        .route("/register", post(account::register))
+        .route("/register/available", get(account::register_available))
+        .route("/login", get(account::login_flows).post(account::login))
+        .route("/refresh", post(account::refresh))
+        .route("/logout", post(account::logout))
+        .route("/logout/all", post(account::logout_all))
+        .route("/account/whoami", get(account::whoami))
+        .route("/account/password", post(account::change_password))
+        .route("/account/deactivate", post(account::deactivate))
+        .route("/capabilities", get(discovery::capabilities))
+        // Devices
+        .route("/devices", get(devices::list))
+        .route(
+            "/devices/{device_id}",
+            get(devices::get_one)
+                .put(devices::rename)
+                .delete(devices::delete_one),
+        )
+        .route("/delete_devices", post(devices::delete_many))
+        // Rooms
+        .route("/createRoom", post(room::create_room))
+        .route("/joined_rooms", get(membership::joined_rooms))
+        .route(
+            "/join/{room_id_or_alias}",
+            post(membership::join_by_id_or_alias),
+        )
+        .route("/rooms/{room_id}/join", post(membership::join))
+        .route("/rooms/{room_id}/invite", post(membership::invite))
+        .route("/rooms/{room_id}/leave", post(membership::leave))
+        .route("/rooms/{room_id}/forget", post(membership::forget))
+        .route("/rooms/{room_id}/kick", post(membership::kick))
+        .route("/rooms/{room_id}/ban", post(membership::ban))
+        .route("/rooms/{room_id}/unban", post(membership::unban))
+        .route("/rooms/{room_id}/members", get(membership::members))
+        .route(
+            "/rooms/{room_id}/joined_members",
+            get(membership::joined_members),
+        )
+        .route("/rooms/{room_id}/state", get(message::get_state))
+        .route(
+            "/rooms/{room_id}/state/{event_type}",
+            get(message::get_state_event_empty_key).put(message::put_state_empty_key),
+        )
+        .route(
+            "/rooms/{room_id}/state/{event_type}/",
+            get(message::get_state_event_empty_key).put(message::put_state_empty_key),
+        )
+        .route(
+            "/rooms/{room_id}/state/{event_type}/{*state_key}",
+            get(message::get_state_event).put(message::put_state),
+        )
+        .route(
+            "/rooms/{room_id}/send/{event_type}/{txn_id}",
+            put(message::send),
+        )
+        .route("/rooms/{room_id}/event/{event_id}", get(message::get_event))
+        .route("/rooms/{room_id}/messages", get(message::messages))
+        .route("/rooms/{room_id}/context/{event_id}", get(message::context))
+        .route(
+            "/rooms/{room_id}/redact/{event_id}/{txn_id}",
+            put(message::redact),
+        )
+        .route("/rooms/{room_id}/aliases", get(directory::room_aliases))
+        // Directory
+        .route(
+            "/directory/room/{alias}",
+            get(directory::get_alias)
+                .put(directory::put_alias)
+                .delete(directory::delete_alias),
+        )
+        .route(
+            "/publicRooms",
+            get(directory::public_rooms_get).post(directory::public_rooms_post),
+        )
+        .route(
+            "/directory/list/room/{room_id}",
+            get(directory::get_visibility).put(directory::put_visibility),
+        )
+        // Profile
+        .route("/profile/{user_id}", get(profile::get_profile))
+        .route(
+            "/profile/{user_id}/{field}",
+            get(profile::get_field).put(profile::put_field),
+        )
+        // Account data, tags, filters, push rules
+        .route(
+            "/user/{user_id}/account_data/{event_type}",
+            get(account_data::get_global).put(account_data::put_global),
+        )
+        .route(
+            "/user/{user_id}/rooms/{room_id}/account_data/{event_type}",
+            get(account_data::get_room).put(account_data::put_room),
+        )
+        .route(
+            "/user/{user_id}/rooms/{room_id}/tags",
+            get(account_data::get_tags),
+        )
+        .route(
+            "/user/{user_id}/rooms/{room_id}/tags/{tag}",
+            put(account_data::put_tag).delete(account_data::delete_tag),
+        )
+        .route("/user/{user_id}/filter", post(filter::create))
+        .route("/user/{user_id}/filter/{filter_id}", get(filter::get))
+        .route("/pushrules/", get(push::get_rules))
+        .route("/pushrules", get(push::get_rules))
+        // Sync
+        .route("/sync", get(sync::sync))
+}
+
+/// The whole Client-Server API router.
+pub fn router(server: Arc<Server>) -> Router {
+    let body_limit = server.config.max_request_body_bytes;
+    let v = versioned();
+    Router::new()
+        .route("/_matrix/client/versions", get(discovery::versions))
+        .route(
+            "/.well-known/matrix/client",
+            get(discovery::well_known_client),
+        )
+        .route(
+            "/.well-known/matrix/server",
+            get(discovery::well_known_server),
+        )
+        .nest("/_matrix/client/v3", v.clone())
+        .nest("/_matrix/client/r0", v)
+        .route(
+            "/_matrix/client/v1/register/m.login.registration_token/validity",
+            get(discovery::token_validity),
+        )
+        .fallback(unrecognized)
+        .layer(axum::middleware::map_response(method_not_allowed))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([
+                    Method::GET,
+                    Method::POST,
+                    Method::PUT,
+                    Method::DELETE,
+                    Method::OPTIONS,
+                ])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::ACCEPT,
+                    header::HeaderName::from_static("x-requested-with"),
+                ]),
+        )
+        .with_state(server)
+}
+
+async fn unrecognized() -> Response {
+    err::<()>(ErrorKind::Unrecognized, "Unrecognized request").into_response()
+}
+
+/// axum answers a known path with the wrong method by an empty 405; the spec wants
+/// `M_UNRECOGNIZED` in a JSON body.
+async fn method_not_allowed(res: Response) -> Response {
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED {
+        return err::<()>(ErrorKind::MethodNotAllowed, "Unsupported method").into_response();
+    }
+    res
+}

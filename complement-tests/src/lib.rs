@@ -1,1 +1,111 @@
+//! Black-box test harness for Myelin: starts the real `myelin` binary on a
+//! random port against a throwaway SQLite or Postgres database and talks to it
+//! only over HTTP, the way a Matrix client would.
+//!
+//! The pieces:
+//!
+//! - [`server`]: finding or building the binary, starting it with the
+//!   environment contract below, waiting for it to answer, and killing it
+//!   (and dropping its database) on drop.
+//! - [`postgres`]: creating and dropping a throwaway Postgres database.
+//! - [`client`]: a small typed client-server API client ([`Client`]) plus
+//!   assertion helpers for Matrix error bodies. The bench binary reuses it.
+//! - [`backend_tests!`]: turns one `async fn` into a `#[tokio::test]` per
+//!   storage backend.
+//!
+//! # How the server is started
+//!
+//! - Binary: `$MYELIN_BIN` if set; otherwise `cargo build -p myelin --bin
+//!   myelin` is run once per test process (with `$CARGO`, else `cargo`, in
+//!   the workspace directory, honouring `CARGO_TARGET_DIR`) and the built
+//!   executable is used.
+//! - Environment: `MYELIN_SERVER_NAME=localhost:<port>`,
+//!   `MYELIN_CLIENT_LISTEN=127.0.0.1:<port>`, `MYELIN_DATA_DIR=<tempdir>`,
+//!   `MYELIN_REGISTRATION=open`, `MYELIN_DATABASE_URL=<url>`,
+//!   `MYELIN_LOG=warn`; no arguments.
+//! - Postgres admin URL: `$MYELIN_TEST_DATABASE_URL`, default
+//!   `postgres://postgres@127.0.0.1:5432/postgres`.
 
+pub mod client;
+pub mod postgres;
+pub mod server;
+
+pub use client::{
+    assert_error, assert_status, enc, ok, query, state_path, success, unique_txn_id, Client,
+    Response, CLIENT_V3,
+};
+pub use server::{Backend, TestServer};
+
+use futures::FutureExt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+/// Runs one black-box test body against a fresh server on `backend`.
+///
+/// The body gets its own handle to the server (handles are cheap clones of
+/// one running process). If the body returns an error or panics, the tail of
+/// the server's log is printed before the test fails, so a failure shows
+/// both sides.
+pub async fn run_backend_test<F, Fut>(backend: Backend, body: F)
+where
+    F: FnOnce(TestServer) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let server = match TestServer::start(backend).await {
+        Ok(server) => server,
+        Err(err) => panic!("could not start myelin ({backend:?}): {err:#}"),
+    };
+    let outcome = AssertUnwindSafe(body(server.clone())).catch_unwind().await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            server.print_log_tail();
+            panic!("test failed on {backend:?}: {err:?}");
+        }
+        Err(panic) => {
+            server.print_log_tail();
+            eprintln!("test panicked on {backend:?}");
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Declares black-box tests that run once per storage backend.
+///
+/// ```ignore
+/// backend_tests! {
+///     async fn whoami_works(server: TestServer) -> anyhow::Result<()> {
+///         let alice = server.register("alice", "pw").await?;
+///         // ...
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// For each function `name` this generates the function itself plus a module
+/// `name` holding two `#[tokio::test]`s, `name::sqlite` and
+/// `name::postgres`. `cargo test name` runs both; `cargo test sqlite` runs
+/// every SQLite variant. The test crate must depend on `tokio` (this crate
+/// does) and on `anyhow`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($(
+        $(#[$meta:meta])*
+        async fn $name:ident($server:ident : $ty:ty) -> $ret:ty $body:block
+    )*) => {$(
+        $(#[$meta])*
+        async fn $name($server: $ty) -> $ret $body
+
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::run_backend_test($crate::Backend::Sqlite, super::$name).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $crate::run_backend_test($crate::Backend::Postgres, super::$name).await;
+            }
+        }
+    )*};
+}

@@ -95,7 +95,7 @@ impl Default for Config {
             max_event_bytes: 65_536,
             access_token_lifetime_ms: 60 * 60 * 1000,
             log_format: LogFormat::Pretty,
-            log_filter: "info".to_owned(),
+            log_filter: "info,ruma_state_res=warn".to_owned(),
         }
     }
 }
@@ -103,9 +103,9 @@ impl Default for Config {
 impl Config {
     /// The database URL in force.
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("myelin.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("myelin.db").display()))
     }
 
     /// The base URL advertised to clients.

@@ -90,7 +90,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error::Matrix { kind, message: message.into() }
+        Error::Matrix {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn forbidden(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::Forbidden, m)

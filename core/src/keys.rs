@@ -37,7 +37,8 @@ impl SigningKey {
 
     fn parse(text: &str) -> Result<Self, String> {
         let mut parts = text.split_whitespace();
-        let (Some("ed25519"), Some(version), Some(b64)) = (parts.next(), parts.next(), parts.next())
+        let (Some("ed25519"), Some(version), Some(b64)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err("expected `ed25519 <version> <base64>`".to_owned());
         };
@@ -77,13 +78,21 @@ impl SigningKey {
 
 fn random_alnum(n: usize) -> String {
     use rand::{distributions::Alphanumeric, Rng};
-    rand::thread_rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
 }
 
 #[cfg(unix)]
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }

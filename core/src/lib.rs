@@ -1,1 +1,23 @@
+//! `myelin-core`: the domain of the Myelin homeserver — identifiers, PDUs (hashing, signing,
+//! redaction), room state and authorization (ruma's auth rules), timelines and stream positions,
+//! the notifier, sync, and the store over PostgreSQL and SQLite. It knows nothing of HTTP routing.
 
+pub mod accounts;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod pdu;
+pub mod store;
+
+pub use error::{Error, ErrorKind, Result};
+pub use ruma;
+pub mod power;
+pub mod server;
+pub mod state;
+pub mod streams;
+
+pub use server::{Append, RoomInfo, Server, StoredEvent};
+pub mod filter;
+pub mod sync;
+pub mod token;
+pub mod visibility;

@@ -39,12 +39,15 @@ pub struct Pdu {
     pub redacts: Option<OwnedEventId>,
     /// Whether the stored JSON is the redacted form.
     pub redacted: bool,
+    /// Whether the JSON carries `room_id` (a room v12 create event does not).
+    pub has_room_id: bool,
     /// The JSON as stored (signed; redacted if the event was redacted).
     pub json: Box<RawValue>,
 }
 
 #[derive(Deserialize)]
 struct PduFields {
+    room_id: Option<Box<RawValue>>,
     sender: OwnedUserId,
     #[serde(rename = "type")]
     kind: TimelineEventType,
@@ -97,6 +100,7 @@ impl Pdu {
             origin_server_ts: f.origin_server_ts,
             redacts,
             redacted,
+            has_room_id: f.room_id.is_some(),
             json,
         })
     }
@@ -128,7 +132,10 @@ impl Pdu {
         out.insert("room_id".into(), Value::String(self.room_id.to_string()));
         out.insert("sender".into(), Value::String(self.sender.to_string()));
         out.insert("type".into(), Value::String(self.kind.to_string()));
-        out.insert("origin_server_ts".into(), Value::from(u64::from(self.origin_server_ts.0)));
+        out.insert(
+            "origin_server_ts".into(),
+            Value::from(u64::from(self.origin_server_ts.0)),
+        );
         out.insert("content".into(), self.content_value());
         if let Some(sk) = &self.state_key {
             out.insert("state_key".into(), Value::String(sk.clone()));
@@ -167,7 +174,7 @@ impl ruma::state_res::Event for Pdu {
         &self.event_id
     }
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        self.has_room_id.then_some(&*self.room_id)
     }
     fn sender(&self) -> &UserId {
         &self.sender
@@ -222,7 +229,9 @@ pub fn canonical_object(value: Value) -> Result<CanonicalJsonObject> {
     match CanonicalJsonValue::try_from(value) {
         Ok(CanonicalJsonValue::Object(o)) => Ok(o),
         Ok(_) => Err(Error::bad_json("content must be a JSON object")),
-        Err(e) => Err(Error::bad_json(format!("content is not canonical JSON: {e}"))),
+        Err(e) => Err(Error::bad_json(format!(
+            "content is not canonical JSON: {e}"
+        ))),
     }
 }
 
@@ -280,7 +289,9 @@ pub fn build_pdu(
     let mut obj = CanonicalJsonObject::new();
     let ids = |v: &[OwnedEventId]| {
         CanonicalJsonValue::Array(
-            v.iter().map(|e| CanonicalJsonValue::String(e.to_string())).collect(),
+            v.iter()
+                .map(|e| CanonicalJsonValue::String(e.to_string()))
+                .collect(),
         )
     };
     obj.insert("auth_events".into(), ids(frame.auth_events));
@@ -295,15 +306,24 @@ pub fn build_pdu(
         }
     }
     obj.insert("content".into(), CanonicalJsonValue::Object(content));
-    obj.insert("depth".into(), CanonicalJsonValue::Integer(frame.depth.try_into().unwrap_or_default()));
+    obj.insert(
+        "depth".into(),
+        CanonicalJsonValue::Integer(frame.depth.try_into().unwrap_or_default()),
+    );
     obj.insert(
         "origin_server_ts".into(),
         CanonicalJsonValue::Integer(frame.origin_server_ts.0.into()),
     );
     if !is_v12_create {
-        obj.insert("room_id".into(), CanonicalJsonValue::String(frame.room_id.to_string()));
+        obj.insert(
+            "room_id".into(),
+            CanonicalJsonValue::String(frame.room_id.to_string()),
+        );
     }
-    obj.insert("sender".into(), CanonicalJsonValue::String(frame.sender.to_string()));
+    obj.insert(
+        "sender".into(),
+        CanonicalJsonValue::String(frame.sender.to_string()),
+    );
     if let Some(sk) = &ev.state_key {
         obj.insert("state_key".into(), CanonicalJsonValue::String(sk.clone()));
     }
@@ -396,7 +416,10 @@ mod tests {
         let obj: CanonicalJsonObject = serde_json::from_str(pdu.json.get()).unwrap();
         assert!(!obj.contains_key("room_id"));
         let mut keys = BTreeMap::new();
-        keys.insert(key.key_id(), ruma::serde::Base64::new(key.pair.public_key().to_vec()));
+        keys.insert(
+            key.key_id(),
+            ruma::serde::Base64::new(key.pair.public_key().to_vec()),
+        );
         let mut map = PublicKeyMap::new();
         map.insert("example.org".to_owned(), keys);
         assert_eq!(verify_event(&map, &obj, &rules).unwrap(), Verified::All);

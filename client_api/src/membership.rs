@@ -1,0 +1,423 @@
+//! Room membership (spec § "Room membership"): join (by ID or alias), invite, leave, forget,
+//! kick, ban, unban, and the member lists. Whether a change is allowed is decided by the room
+//! version's auth rules when the member event is built.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    extract::{Path, Query, State},
+    Json,
+};
+use myelin_core::{
+    pdu::NewEvent,
+    ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, UserId},
+    token::SyncToken,
+    Append, Error, ErrorKind, RoomInfo, Server,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    error::{err, ApiResult},
+    extract::{parse_id, Auth, JsonBody},
+};
+
+#[derive(Deserialize, Default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: String,
+    reason: Option<String>,
+}
+
+/// The member event content for `user` with the given membership (profile included on join).
+async fn member_content(
+    server: &Server,
+    user: &UserId,
+    membership: &str,
+    reason: Option<&str>,
+) -> ApiResult<Value> {
+    let mut c = json!({ "membership": membership });
+    if membership == "join" || membership == "invite" {
+        if let Some(p) = server.store.user(user.as_str()).await? {
+            if let Some(d) = p.displayname {
+                c["displayname"] = json!(d);
+            }
+            if let Some(a) = p.avatar_url {
+                c["avatar_url"] = json!(a);
+            }
+        }
+    }
+    if let Some(r) = reason {
+        c["reason"] = json!(r);
+    }
+    Ok(c)
+}
+
+async fn set_membership(
+    server: &Server,
+    room: &Arc<RoomInfo>,
+    sender: &UserId,
+    target: &UserId,
+    membership: &str,
+    reason: Option<&str>,
+) -> ApiResult<()> {
+    let content = member_content(server, target, membership, reason).await?;
+    server
+        .append(
+            room,
+            vec![Append {
+                sender: sender.to_owned(),
+                event: NewEvent::state("m.room.member", target.as_str(), content)?,
+                txn: None,
+            }],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn room_for(server: &Server, room_id: &str) -> ApiResult<Arc<RoomInfo>> {
+    let id: OwnedRoomId = parse_id(room_id, "room ID")?;
+    Ok(server.room_or_404(&id).await?)
+}
+
+pub async fn join_by_id_or_alias(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(target): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room = if target.starts_with('#') {
+        let alias: OwnedRoomAliasId = parse_id(&target, "room alias")?;
+        let (room_id, _) = server
+            .store
+            .alias(alias.as_str())
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        room_for(&server, &room_id).await?
+    } else if target.starts_with('!') {
+        room_for(&server, &target).await?
+    } else {
+        return err(ErrorKind::InvalidParam, "Expected a room ID or alias");
+    };
+    do_join(&server, &auth, &room, body.reason).await
+}
+
+pub async fn join(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    do_join(&server, &auth, &room, body.reason).await
+}
+
+async fn do_join(
+    server: &Server,
+    auth: &Auth,
+    room: &Arc<RoomInfo>,
+    reason: Option<String>,
+) -> ApiResult<Json<Value>> {
+    let current = server
+        .store
+        .membership(room.nid, auth.user_id.as_str())
+        .await?;
+    if current.as_ref().is_some_and(|m| m.membership == "join") {
+        // Joining again is a no-op (unless the profile changed, which the profile API handles).
+        return Ok(Json(json!({ "room_id": room.room_id })));
+    }
+    set_membership(
+        server,
+        room,
+        &auth.user_id,
+        &auth.user_id,
+        "join",
+        reason.as_deref(),
+    )
+    .await?;
+    Ok(Json(json!({ "room_id": room.room_id })))
+}
+
+pub async fn invite(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    let target: OwnedUserId = parse_id(&body.user_id, "user ID")?;
+    if target.server_name().as_str() != server.server_name() {
+        return err(
+            ErrorKind::Forbidden,
+            "Inviting remote users needs federation, which this server does not do yet",
+        );
+    }
+    if server.store.user(target.as_str()).await?.is_none() {
+        return err(ErrorKind::NotFound, "Unknown user");
+    }
+    let current = server.store.membership(room.nid, target.as_str()).await?;
+    if current.as_ref().is_some_and(|m| m.membership == "invite") {
+        return Ok(Json(json!({})));
+    }
+    set_membership(
+        &server,
+        &room,
+        &auth.user_id,
+        &target,
+        "invite",
+        body.reason.as_deref(),
+    )
+    .await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn leave(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    let current = server
+        .store
+        .membership(room.nid, auth.user_id.as_str())
+        .await?;
+    match current.as_ref().map(|m| m.membership.as_str()) {
+        Some("join") | Some("invite") | Some("knock") => {}
+        Some("leave") => return Ok(Json(json!({}))),
+        _ => return err(ErrorKind::Forbidden, "You are not in this room"),
+    }
+    let reason = body.reason;
+    set_membership(
+        &server,
+        &room,
+        &auth.user_id,
+        &auth.user_id,
+        "leave",
+        reason.as_deref(),
+    )
+    .await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn forget(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    match server
+        .store
+        .membership(room.nid, auth.user_id.as_str())
+        .await?
+    {
+        Some(m) if m.membership == "join" || m.membership == "invite" => err(
+            ErrorKind::BadState,
+            "You must leave the room before forgetting it",
+        ),
+        Some(_) => {
+            server
+                .store
+                .forget_room(room.nid, auth.user_id.as_str())
+                .await?;
+            Ok(Json(json!({})))
+        }
+        None => err(ErrorKind::NotFound, "You were never in this room"),
+    }
+}
+
+async fn moderate(
+    server: &Server,
+    auth: &Auth,
+    room_id: &str,
+    body: TargetBody,
+    membership: &str,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(server, room_id).await?;
+    let target: OwnedUserId = parse_id(&body.user_id, "user ID")?;
+    if membership == "unban" {
+        let current = server.store.membership(room.nid, target.as_str()).await?;
+        if current.as_ref().map(|m| m.membership.as_str()) != Some("ban") {
+            return err(ErrorKind::Forbidden, "User is not banned");
+        }
+        set_membership(
+            server,
+            &room,
+            &auth.user_id,
+            &target,
+            "leave",
+            body.reason.as_deref(),
+        )
+        .await?;
+    } else {
+        if membership == "leave" {
+            let current = server.store.membership(room.nid, target.as_str()).await?;
+            if !current
+                .as_ref()
+                .is_some_and(|m| matches!(m.membership.as_str(), "join" | "invite" | "knock"))
+            {
+                return err(ErrorKind::Forbidden, "User is not in the room");
+            }
+        }
+        set_membership(
+            server,
+            &room,
+            &auth.user_id,
+            &target,
+            membership,
+            body.reason.as_deref(),
+        )
+        .await?;
+    }
+    Ok(Json(json!({})))
+}
+
+pub async fn kick(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    moderate(&server, &auth, &room_id, body, "leave").await
+}
+
+pub async fn ban(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    moderate(&server, &auth, &room_id, body, "ban").await
+}
+
+pub async fn unban(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    moderate(&server, &auth, &room_id, body, "unban").await
+}
+
+pub async fn joined_rooms(State(server): State<Arc<Server>>, auth: Auth) -> ApiResult<Json<Value>> {
+    let rooms = server.store.rooms_of_user(auth.user_id.as_str()).await?;
+    let mut ids = Vec::new();
+    for m in rooms.into_iter().filter(|m| m.membership == "join") {
+        ids.push(server.room_by_nid(m.room_nid).await?.room_id.to_string());
+    }
+    Ok(Json(json!({ "joined_rooms": ids })))
+}
+
+/// The state a member may read: current state while joined, else the state when they left.
+pub async fn readable_state(
+    server: &Server,
+    room: &Arc<RoomInfo>,
+    user: &str,
+) -> ApiResult<Arc<myelin_core::state::StateMap>> {
+    let m = server.store.membership(room.nid, user).await?;
+    match m {
+        Some(m) if m.membership == "join" => Ok(server.current_state(room).await?),
+        Some(m) if m.membership == "leave" || m.membership == "ban" => {
+            let ev = server.event(m.event_nid).await?;
+            let g = ev.state_before.unwrap_or(0);
+            // State as it was when they left (including their leave).
+            let g = ev.state_after.unwrap_or(g);
+            Ok(server.state_map(g).await?)
+        }
+        _ => {
+            let state = server.current_state(room).await?;
+            let hv = server
+                .state_event(&state, "m.room.history_visibility", "")
+                .await?
+                .and_then(|e| e.pdu.content_str("history_visibility"));
+            if hv.as_deref() == Some("world_readable") {
+                Ok(state)
+            } else {
+                err(ErrorKind::Forbidden, "You are not a member of this room")
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct MembersQuery {
+    at: Option<String>,
+    membership: Option<String>,
+    not_membership: Option<String>,
+}
+
+pub async fn members(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<MembersQuery>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    let mut state = readable_state(&server, &room, auth.user_id.as_str()).await?;
+    if let Some(at) = &q.at {
+        let pos = SyncToken::parse(at).map(|t| t.events).or_else(|_| {
+            myelin_core::token::PageToken::parse(at).map(|p| match p {
+                myelin_core::token::PageToken::Stream(s) => s,
+                myelin_core::token::PageToken::Topological { stream, .. } => stream,
+            })
+        })?;
+        // The caller may read the room (checked above); `at` picks an earlier snapshot.
+        if let Some(g) = server.store.state_group_at(room.nid, pos).await? {
+            state = server.state_map(g).await?;
+        }
+    }
+    let events = server.state_events(&state).await?;
+    let chunk: Vec<_> = events
+        .into_iter()
+        .filter(|e| e.pdu.kind.to_string() == "m.room.member")
+        .filter(|e| {
+            let m = e.pdu.content_str("membership").unwrap_or_default();
+            q.membership.as_ref().is_none_or(|w| *w == m)
+                && q.not_membership.as_ref().is_none_or(|n| *n != m)
+        })
+        .collect();
+    let rendered = server
+        .render_events(&chunk, auth.user_id.as_str(), &auth.device_id)
+        .await?;
+    Ok(Json(json!({ "chunk": rendered })))
+}
+
+pub async fn joined_members(
+    State(server): State<Arc<Server>>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room = room_for(&server, &room_id).await?;
+    let state = readable_state(&server, &room, auth.user_id.as_str()).await?;
+    let mut joined = HashMap::new();
+    for e in server.state_events(&state).await? {
+        if e.pdu.kind.to_string() != "m.room.member"
+            || e.pdu.content_str("membership").as_deref() != Some("join")
+        {
+            continue;
+        }
+        let c = e.pdu.content_value();
+        joined.insert(
+            e.pdu.state_key.clone().unwrap_or_default(),
+            json!({ "display_name": c.get("displayname"), "avatar_url": c.get("avatar_url") }),
+        );
+    }
+    Ok(Json(json!({ "joined": joined })))
+}
+
+/// Leaves every room a user is joined to or invited to (account deactivation).
+pub async fn leave_all_rooms(server: &Server, user: &OwnedUserId) -> ApiResult<()> {
+    for m in server.store.rooms_of_user(user.as_str()).await? {
+        if matches!(m.membership.as_str(), "join" | "invite" | "knock") {
+            let room = server.room_by_nid(m.room_nid).await?;
+            if let Err(e) = set_membership(server, &room, user, user, "leave", None).await {
+                tracing::warn!(room = %room.room_id, error = ?e.0, "could not leave room on deactivation");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! One running `myelin` process per test: finding (or building) the binary,
+//! starting it with the environment contract on a free port against a fresh
+//! data directory and database, waiting until it answers
+//! `GET /_matrix/client/versions`, and tearing everything down on drop.
+
+use crate::client::Client;
+use crate::postgres::ThrowawayDatabase;
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a freshly started server may take to answer `/versions`.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many times a server that exits during start-up (for example because
+/// another process grabbed its port first) is tried again.
+const START_ATTEMPTS: usize = 3;
+
+/// Which storage backend a [`TestServer`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://<data dir>/myelin.db`.
+    Sqlite,
+    /// A throwaway database on the Postgres named by
+    /// `MYELIN_TEST_DATABASE_URL`.
+    Postgres,
+}
+
+/// A running `myelin` process. Cloning gives another handle to the same
+/// process; the process is killed (and its Postgres database dropped) when
+/// the last handle goes.
+#[derive(Clone)]
+pub struct TestServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    base_url: String,
+    server_name: String,
+    backend: Backend,
+    http: reqwest::Client,
+    log_path: PathBuf,
+    child: Mutex<Option<Child>>,
+    database: Mutex<Option<ThrowawayDatabase>>,
+    // Declared last so it is removed after the process is dead.
+    _data_dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a fresh server on `backend` and waits until it serves
+    /// `/versions`.
+    pub async fn start(backend: Backend) -> anyhow::Result<TestServer> {
+        let binary = myelin_binary()?;
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(&binary, backend).await {
+                Ok(server) => return Ok(server),
+                Err(StartError::Fatal(err)) => return Err(err),
+                Err(StartError::ExitedEarly(err)) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("server did not start")))
+    }
+
+    async fn start_once(binary: &Path, backend: Backend) -> Result<TestServer, StartError> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("myelin-test-")
+            .tempdir()
+            .context("creating the data directory")
+            .map_err(StartError::Fatal)?;
+        let port = free_port().map_err(StartError::Fatal)?;
+        let server_name = format!("localhost:{port}");
+        let base_url = format!("http://127.0.0.1:{port}");
+        let log_path = data_dir.path().join("myelin.log");
+
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                ThrowawayDatabase::create()
+                    .await
+                    .map_err(StartError::Fatal)?,
+            ),
+        };
+        let database_url = match &database {
+            Some(db) => db.url().to_owned(),
+            None => format!("sqlite://{}", data_dir.path().join("myelin.db").display()),
+        };
+
+        let log = File::create(&log_path)
+            .context("creating the server log")
+            .map_err(StartError::Fatal)?;
+        let log_err = log
+            .try_clone()
+            .context("cloning the log handle")
+            .map_err(StartError::Fatal)?;
+        let child = Command::new(binary)
+            .env("MYELIN_SERVER_NAME", &server_name)
+            .env("MYELIN_CLIENT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("MYELIN_DATA_DIR", data_dir.path())
+            .env("MYELIN_REGISTRATION", "open")
+            .env("MYELIN_DATABASE_URL", &database_url)
+            .env("MYELIN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))
+            .map_err(StartError::Fatal)?;
+
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")
+            .map_err(StartError::Fatal)?;
+        let server = TestServer {
+            inner: Arc::new(Inner {
+                base_url,
+                server_name,
+                backend,
+                http,
+                log_path,
+                child: Mutex::new(Some(child)),
+                database: Mutex::new(database),
+                _data_dir: data_dir,
+            }),
+        };
+        server.wait_until_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_until_ready(&self) -> Result<(), StartError> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let url = format!("{}/_matrix/client/versions", self.inner.base_url);
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(StartError::ExitedEarly(anyhow!(
+                    "myelin exited during start-up with {status}; its log:\n{}",
+                    self.log_tail(200)
+                )));
+            }
+            let attempt = self
+                .inner
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if let Ok(response) = attempt {
+                if response.status() == reqwest::StatusCode::OK {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(StartError::Fatal(anyhow!(
+                    "myelin did not answer 200 on {url} within {STARTUP_TIMEOUT:?}; its log:\n{}",
+                    self.log_tail(200)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        let mut child = self.inner.child.lock().ok()?;
+        child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// `http://127.0.0.1:<port>`, no trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.inner.base_url
+    }
+
+    /// `localhost:<port>`, the server name the server was started with.
+    pub fn server_name(&self) -> &str {
+        &self.inner.server_name
+    }
+
+    /// The storage backend this server runs on.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The fully qualified user ID for `localpart` on this server.
+    pub fn user_id(&self, localpart: &str) -> String {
+        format!("@{localpart}:{}", self.inner.server_name)
+    }
+
+    /// The fully qualified room alias for `localpart` on this server.
+    pub fn alias(&self, localpart: &str) -> String {
+        format!("#{localpart}:{}", self.inner.server_name)
+    }
+
+    /// A client without an access token.
+    pub fn anonymous(&self) -> Client {
+        Client::anonymous(self.inner.http.clone(), &self.inner.base_url)
+    }
+
+    /// Registers `localpart` with `password` through the
+    /// user-interactive-authentication flow (`m.login.dummy`) and returns a
+    /// client logged in as the new user.
+    pub async fn register(&self, localpart: &str, password: &str) -> anyhow::Result<Client> {
+        let anon = self.anonymous();
+        let request = json!({
+            "username": localpart,
+            "password": password,
+            "initial_device_display_name": "complement-tests",
+        });
+        let first = anon.post("/register", &request).await?;
+        let done = match first.status {
+            200 => first,
+            401 => {
+                let session = first.body["session"].as_str().with_context(|| {
+                    format!("registration 401 without a session: {}", first.body)
+                })?;
+                let mut second = request.clone();
+                second["auth"] = json!({"type": "m.login.dummy", "session": session});
+                anon.post("/register", &second).await?
+            }
+            _ => bail!(
+                "registering {localpart}: unexpected {} {}",
+                first.status,
+                first.body
+            ),
+        };
+        if done.status != 200 {
+            bail!("registering {localpart}: {} {}", done.status, done.body);
+        }
+        Client::from_login_response(self.inner.http.clone(), &self.inner.base_url, &done.body)
+    }
+
+    /// Logs in with `m.login.password` (an `m.id.user` identifier), optionally
+    /// naming the device, and returns a client for the new session.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        device_id: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let mut request = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": password,
+        });
+        if let Some(device_id) = device_id {
+            request["device_id"] = Value::from(device_id);
+        }
+        let response = self.anonymous().post("/login", &request).await?;
+        if response.status != 200 {
+            bail!(
+                "logging in as {user}: {} {}",
+                response.status,
+                response.body
+            );
+        }
+        Client::from_login_response(
+            self.inner.http.clone(),
+            &self.inner.base_url,
+            &response.body,
+        )
+    }
+
+    /// The last `lines` lines of the server's combined stdout and stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        match File::open(&self.inner.log_path) {
+            Ok(file) => {
+                let all: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+                let start = all.len().saturating_sub(lines);
+                all[start..].join("\n")
+            }
+            Err(err) => format!("(no log at {}: {err})", self.inner.log_path.display()),
+        }
+    }
+
+    /// Prints the tail of the server log to stderr (shown by `cargo test` for
+    /// failing tests).
+    pub fn print_log_tail(&self) {
+        eprintln!(
+            "----- myelin log ({:?}, {}) -----\n{}\n----- end of myelin log -----",
+            self.inner.backend,
+            self.inner.base_url,
+            self.log_tail(200)
+        );
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock() {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Ok(mut database) = self.database.lock() {
+            if let Some(database) = database.take() {
+                database.drop_blocking();
+            }
+        }
+    }
+}
+
+enum StartError {
+    /// The process exited before it answered; worth another try on a new
+    /// port.
+    ExitedEarly(anyhow::Error),
+    /// Anything else.
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StartError {
+    fn from(err: anyhow::Error) -> Self {
+        StartError::Fatal(err)
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The `myelin` executable: `$MYELIN_BIN`, or the result of building it once
+/// per process.
+pub fn myelin_binary() -> anyhow::Result<PathBuf> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("MYELIN_BIN") {
+                let path = PathBuf::from(path);
+                if !path.is_file() {
+                    return Err(format!("MYELIN_BIN={} is not a file", path.display()));
+                }
+                return Ok(path);
+            }
+            build_myelin().map_err(|err| format!("{err:#}"))
+        })
+        .clone()
+        .map_err(|err| anyhow!(err))
+}
+
+/// Runs `cargo build -p myelin --bin myelin` in the workspace and returns the
+/// executable path cargo reports.
+fn build_myelin() -> anyhow::Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("complement-tests has no parent directory")?
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "myelin",
+            "--bin",
+            "myelin",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cargo:?} build -p myelin"))?;
+    if !output.status.success() {
+        bail!(
+            "`cargo build -p myelin --bin myelin` failed ({}); build the server first or set \
+             MYELIN_BIN to a built myelin binary",
+            output.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in stdout.lines() {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if message["reason"] == "compiler-artifact" && message["target"]["name"] == "myelin" {
+            if let Some(path) = message["executable"].as_str() {
+                return Ok(PathBuf::from(path));
+            }
+        }
+    }
+    // Fall back to the conventional location.
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    };
+    let path = target.join("debug").join("myelin");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        bail!(
+            "cargo built myelin but reported no executable and {} does not exist; set MYELIN_BIN",
+            path.display()
+        )
+    }
+}

@@ -1,0 +1,926 @@
+//! The server: the store, the signing key, the caches and the event path, shared by every
+//! request handler behind an `Arc<Server>`.
+//!
+//! Local events take this way: the room's head lock is taken; each event is built on the head
+//! (prev_events = forward extremities, auth_events from current state), hashed, signed and
+//! authorised with the room version's rules; then one transaction writes all of them and
+//! everything they change; only after the commit are the in-memory head, caches and stream
+//! position advanced and the concerned users woken.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, RwLock,
+    },
+};
+
+use ruma::{
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId,
+    RoomVersionId, UserId,
+};
+use serde_json::value::RawValue;
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::{
+    config::Config,
+    keys::SigningKey,
+    pdu::{build_pdu, redact_json, rules_for, EventFrame, NewEvent, Pdu},
+    state::{StateCache, StateMap, MAX_CHAIN},
+    store::{EventRow, NewStateGroup, PersistEvent, Store},
+    streams::{Notifier, StreamTracker},
+    Error, Result,
+};
+
+/// A room's identity and rules.
+#[derive(Debug)]
+pub struct RoomInfo {
+    pub nid: i64,
+    pub room_id: OwnedRoomId,
+    pub version: RoomVersionId,
+    pub rules: RoomVersionRules,
+}
+
+/// An event with where it sits in the server's streams.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub nid: i64,
+    pub room_nid: i64,
+    pub pdu: Arc<Pdu>,
+    pub stream_ordering: Option<i64>,
+    pub depth: i64,
+    pub state_before: Option<i64>,
+    pub state_after: Option<i64>,
+    pub redacted_by: Option<String>,
+}
+
+/// The tip of a room: what the next local event builds on.
+#[derive(Clone)]
+struct RoomHead {
+    extremities: Vec<(OwnedEventId, i64)>,
+    state_group: i64,
+    chain_len: i64,
+    state: Arc<StateMap>,
+}
+
+/// One event to append.
+pub struct Append {
+    pub sender: OwnedUserId,
+    pub event: NewEvent,
+    /// `(device_id, txn_id)` of a client send.
+    pub txn: Option<(String, String)>,
+}
+
+const MAX_CACHED_EVENTS: usize = 100_000;
+const MAX_PREV_EVENTS: usize = 10;
+
+pub struct Server {
+    pub config: Config,
+    pub server_name: OwnedServerName,
+    pub store: Store,
+    pub key: SigningKey,
+    pub state: StateCache,
+    pub notifier: Notifier,
+    /// Events stream.
+    pub events_stream: StreamTracker,
+    /// Account-data stream.
+    pub account_data_stream: StreamTracker,
+    next_event_nid: AtomicI64,
+    next_state_group: AtomicI64,
+    next_room_nid: AtomicI64,
+    rooms: RwLock<HashMap<i64, Arc<RoomInfo>>>,
+    room_nids: RwLock<HashMap<OwnedRoomId, i64>>,
+    heads: std::sync::Mutex<HashMap<i64, Arc<AsyncMutex<Option<RoomHead>>>>>,
+    events: RwLock<HashMap<i64, Arc<StoredEvent>>>,
+    event_nids: RwLock<HashMap<OwnedEventId, i64>>,
+    /// Latest stream ordering per room, so a sync skips rooms with nothing new without a query.
+    room_positions: RwLock<HashMap<i64, i64>>,
+    /// `user → membership` of each room whose members were loaded.
+    members: RwLock<HashMap<i64, Arc<HashMap<String, String>>>>,
+    /// Access-token cache.
+    pub tokens: crate::accounts::TokenCache,
+    /// Set when the server is shutting down: long-polls answer at once.
+    pub shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Server {
+    /// Opens the store (running migrations) and the signing key.
+    pub async fn open(config: Config) -> Result<Arc<Self>> {
+        let server_name = OwnedServerName::try_from(config.server_name.as_str())
+            .map_err(|e| Error::internal(format!("server_name {:?}: {e}", config.server_name)))?;
+        let store = Store::connect(&config.database_url(), config.database_max_connections).await?;
+        let key = SigningKey::load_or_generate(&config.data_dir.join("signing.key"))?;
+        let (max_stream, max_event, max_group) = store.max_ids().await?;
+        let max_ad = store.max_account_data_stream().await?;
+        let room_positions = store.room_latest_positions().await?.into_iter().collect();
+        let max_room = store.max_room_nid().await?;
+        Ok(Arc::new(Server {
+            config,
+            server_name,
+            store,
+            key,
+            state: StateCache::default(),
+            notifier: Notifier::default(),
+            events_stream: StreamTracker::new(max_stream),
+            account_data_stream: StreamTracker::new(max_ad),
+            next_event_nid: AtomicI64::new(max_event + 1),
+            next_state_group: AtomicI64::new(max_group + 1),
+            next_room_nid: AtomicI64::new(max_room + 1),
+            rooms: RwLock::default(),
+            room_nids: RwLock::default(),
+            heads: Default::default(),
+            events: RwLock::default(),
+            event_nids: RwLock::default(),
+            room_positions: RwLock::new(room_positions),
+            members: RwLock::default(),
+            tokens: Default::default(),
+            shutting_down: Default::default(),
+        }))
+    }
+
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_str()
+    }
+
+    // Rooms --------------------------------------------------------------------------------
+
+    /// Looks a room up by ID.
+    pub async fn room(&self, room_id: &RoomId) -> Result<Option<Arc<RoomInfo>>> {
+        let nid = self
+            .room_nids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room_id)
+            .copied();
+        if let Some(nid) = nid {
+            return self.room_by_nid(nid).await.map(Some);
+        }
+        match self.store.room(room_id.as_str()).await? {
+            Some(row) => self.room_by_nid(row.room_nid).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Looks a room up by ID, 404 `M_NOT_FOUND` when unknown.
+    pub async fn room_or_404(&self, room_id: &RoomId) -> Result<Arc<RoomInfo>> {
+        self.room(room_id)
+            .await?
+            .ok_or_else(|| Error::not_found("Unknown room"))
+    }
+
+    pub async fn room_by_nid(&self, nid: i64) -> Result<Arc<RoomInfo>> {
+        if let Some(r) = self
+            .rooms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&nid)
+        {
+            return Ok(r.clone());
+        }
+        let row = self
+            .store
+            .room_by_nid(nid)
+            .await?
+            .ok_or_else(|| Error::internal(format!("room {nid} missing")))?;
+        let version = RoomVersionId::try_from(row.room_version.as_str())
+            .map_err(|e| Error::internal(format!("room version: {e}")))?;
+        let info = Arc::new(RoomInfo {
+            nid,
+            room_id: OwnedRoomId::try_from(row.room_id.as_str())
+                .map_err(|e| Error::internal(format!("room id: {e}")))?,
+            rules: rules_for(&version)?,
+            version,
+        });
+        self.room_nids
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.room_id.clone(), nid);
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(nid, info.clone());
+        Ok(info)
+    }
+
+    /// The latest stream position of a room.
+    pub fn room_position(&self, room_nid: i64) -> i64 {
+        self.room_positions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room_nid)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    // Events -------------------------------------------------------------------------------
+
+    fn stored_from_row(&self, row: EventRow, room: &RoomInfo) -> Result<Arc<StoredEvent>> {
+        let event_id = OwnedEventId::try_from(row.event_id.as_str())
+            .map_err(|e| Error::internal(format!("event id: {e}")))?;
+        let pdu = Pdu::parse(
+            event_id.clone(),
+            room.room_id.clone(),
+            RawValue::from_string(row.json)?,
+            row.redacted_by.is_some(),
+        )?;
+        let ev = Arc::new(StoredEvent {
+            nid: row.event_nid,
+            room_nid: row.room_nid,
+            pdu: Arc::new(pdu),
+            stream_ordering: row.stream_ordering,
+            depth: row.depth,
+            state_before: row.state_before,
+            state_after: row.state_after,
+            redacted_by: row.redacted_by,
+        });
+        self.cache_event(ev.clone());
+        Ok(ev)
+    }
+
+    fn cache_event(&self, ev: Arc<StoredEvent>) {
+        let mut events = self.events.write().unwrap_or_else(|e| e.into_inner());
+        let mut ids = self.event_nids.write().unwrap_or_else(|e| e.into_inner());
+        if events.len() >= MAX_CACHED_EVENTS {
+            events.clear();
+            ids.clear();
+        }
+        ids.insert(ev.pdu.event_id.clone(), ev.nid);
+        events.insert(ev.nid, ev);
+    }
+
+    fn uncache_event(&self, nid: i64) {
+        self.events
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&nid);
+    }
+
+    /// An event by numeric ID.
+    pub async fn event(&self, nid: i64) -> Result<Arc<StoredEvent>> {
+        if let Some(e) = self
+            .events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&nid)
+        {
+            return Ok(e.clone());
+        }
+        let row = self
+            .store
+            .event_by_nid(nid)
+            .await?
+            .ok_or_else(|| Error::internal(format!("event {nid} missing")))?;
+        let room = self.room_by_nid(row.room_nid).await?;
+        self.stored_from_row(row, &room)
+    }
+
+    /// Events by numeric ID, in the order asked.
+    pub async fn events(&self, nids: &[i64]) -> Result<Vec<Arc<StoredEvent>>> {
+        let mut found: HashMap<i64, Arc<StoredEvent>> = HashMap::with_capacity(nids.len());
+        let mut missing = Vec::new();
+        {
+            let events = self.events.read().unwrap_or_else(|e| e.into_inner());
+            for n in nids {
+                match events.get(n) {
+                    Some(e) => {
+                        found.insert(*n, e.clone());
+                    }
+                    None => missing.push(*n),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            for row in self.store.events_by_nids(&missing).await? {
+                let room = self.room_by_nid(row.room_nid).await?;
+                let ev = self.stored_from_row(row, &room)?;
+                found.insert(ev.nid, ev);
+            }
+        }
+        nids.iter()
+            .map(|n| {
+                found
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| Error::internal(format!("event {n} missing")))
+            })
+            .collect()
+    }
+
+    /// Events from rows already read (used by range queries); fills the cache.
+    pub async fn events_from_rows(&self, rows: Vec<EventRow>) -> Result<Vec<Arc<StoredEvent>>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let cached = self
+                .events
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&row.event_nid)
+                .cloned();
+            match cached {
+                Some(e) => out.push(e),
+                None => {
+                    let room = self.room_by_nid(row.room_nid).await?;
+                    out.push(self.stored_from_row(row, &room)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// An event by event ID, if stored.
+    pub async fn event_by_id(&self, event_id: &ruma::EventId) -> Result<Option<Arc<StoredEvent>>> {
+        let nid = self
+            .event_nids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(event_id)
+            .copied();
+        if let Some(nid) = nid {
+            return self.event(nid).await.map(Some);
+        }
+        match self.store.event_by_id(event_id.as_str()).await? {
+            Some(row) => {
+                let room = self.room_by_nid(row.room_nid).await?;
+                self.stored_from_row(row, &room).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    // State --------------------------------------------------------------------------------
+
+    /// The resolved state of a group.
+    pub async fn state_map(&self, group: i64) -> Result<Arc<StateMap>> {
+        Ok(self.state.group(&self.store, group).await?.0)
+    }
+
+    /// The current state of a room.
+    pub async fn current_state(&self, room: &RoomInfo) -> Result<Arc<StateMap>> {
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        Ok(self.load_head(room, &mut guard).await?.state.clone())
+    }
+
+    /// The event at `(event_type, state_key)` in `state`.
+    pub async fn state_event(
+        &self,
+        state: &StateMap,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Arc<StoredEvent>>> {
+        let Some(k) = self
+            .state
+            .lookup(&self.store, event_type, state_key)
+            .await?
+        else {
+            return Ok(None);
+        };
+        match state.get(&k) {
+            Some(nid) => self.event(*nid).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// All events of a state map, with their `(type, state_key)`.
+    pub async fn state_events(&self, state: &StateMap) -> Result<Vec<Arc<StoredEvent>>> {
+        let nids: Vec<i64> = state.values().copied().collect();
+        self.events(&nids).await
+    }
+
+    /// `(type, state_key)` of state-key IDs.
+    pub async fn state_pairs(&self, nids: &[i64]) -> Result<HashMap<i64, (String, String)>> {
+        self.state.pairs(&self.store, nids).await
+    }
+
+    /// The membership of `user` in `state`.
+    pub async fn membership_in(&self, state: &StateMap, user: &str) -> Result<Option<String>> {
+        Ok(self
+            .state_event(state, "m.room.member", user)
+            .await?
+            .and_then(|e| e.pdu.content_str("membership")))
+    }
+
+    /// `user → membership` for a room's current state.
+    pub async fn members(&self, room_nid: i64) -> Result<Arc<HashMap<String, String>>> {
+        if let Some(m) = self
+            .members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room_nid)
+        {
+            return Ok(m.clone());
+        }
+        let map: HashMap<String, String> = self
+            .store
+            .room_members(room_nid)
+            .await?
+            .into_iter()
+            .map(|m| (m.user_id, m.membership))
+            .collect();
+        let map = Arc::new(map);
+        self.members
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room_nid, map.clone());
+        Ok(map)
+    }
+
+    fn head_lock(&self, room_nid: i64) -> Arc<AsyncMutex<Option<RoomHead>>> {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(room_nid)
+            .or_default()
+            .clone()
+    }
+
+    async fn load_head<'a>(
+        &self,
+        room: &RoomInfo,
+        slot: &'a mut Option<RoomHead>,
+    ) -> Result<&'a RoomHead> {
+        if slot.is_none() {
+            let row = self
+                .store
+                .room_by_nid(room.nid)
+                .await?
+                .ok_or_else(|| Error::internal("room row missing"))?;
+            let group = row
+                .state_group
+                .ok_or_else(|| Error::internal("room has no state"))?;
+            let (state, chain_len) = self.state.group(&self.store, group).await?;
+            let extremities = self
+                .store
+                .forward_extremities(room.nid)
+                .await?
+                .into_iter()
+                .filter_map(|(id, d)| OwnedEventId::try_from(id).ok().map(|id| (id, d)))
+                .collect();
+            *slot = Some(RoomHead {
+                extremities,
+                state_group: group,
+                chain_len,
+                state,
+            });
+        }
+        slot.as_ref().ok_or_else(|| Error::internal("head"))
+    }
+
+    // The event path -----------------------------------------------------------------------
+
+    /// Creates a room: the create event (built first, it may define the room ID) and then
+    /// `rest`, all written in one transaction.
+    pub async fn create_room(
+        &self,
+        version: RoomVersionId,
+        creator: &UserId,
+        create_content: serde_json::Value,
+        rest: Vec<Append>,
+    ) -> Result<(Arc<RoomInfo>, Vec<Arc<StoredEvent>>)> {
+        let rules = rules_for(&version)?;
+        let provisional = if rules.authorization.room_create_event_id_as_room_id {
+            // Replaced by the create event's hash.
+            OwnedRoomId::try_from(format!("!placeholder:{}", self.server_name))
+        } else {
+            OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name))
+        }
+        .map_err(|e| Error::internal(format!("room id: {e}")))?;
+        let now = MilliSecondsSinceUnixEpoch::now();
+        let frame = EventFrame {
+            room_id: &provisional,
+            version: &version,
+            rules: &rules,
+            sender: creator,
+            prev_events: &[],
+            auth_events: &[],
+            depth: 1,
+            origin_server_ts: now,
+        };
+        let create = build_pdu(
+            NewEvent::state("m.room.create", "", create_content)?,
+            &frame,
+            self.server_name.as_str(),
+            &self.key,
+        )?;
+        ruma::state_res::check_state_independent_auth_rules(
+            &rules.authorization,
+            &create,
+            |_: &ruma::EventId| -> Option<&Pdu> { None },
+        )
+        .map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+        let room_id = create.room_id.clone();
+
+        let room_nid = self.next_room_nid.fetch_add(1, Ordering::Relaxed);
+        let room = Arc::new(RoomInfo {
+            nid: room_nid,
+            room_id: room_id.clone(),
+            version,
+            rules,
+        });
+        let empty = RoomHead {
+            extremities: vec![],
+            state_group: 0,
+            chain_len: 0,
+            state: Arc::new(StateMap::new()),
+        };
+        let mut all = vec![Built {
+            pdu: Arc::new(create),
+            sender_txn: None,
+            redaction: None,
+        }];
+        let mut head = empty;
+        let mut local = HashMap::new();
+        // Build the create event into the head, then the rest on top of it.
+        let first = self
+            .apply_built(&room, &mut head, &mut local, &all[0])
+            .await?;
+        let mut applied = vec![first];
+        for item in rest {
+            let built = self.build_one(&room, &head, &local, item).await?;
+            applied.push(
+                self.apply_built(&room, &mut head, &mut local, &built)
+                    .await?,
+            );
+            all.push(built);
+        }
+        let lock = self.head_lock(room_nid);
+        let mut guard = lock.lock().await;
+        let mut w = self.store.write().await?;
+        self.store
+            .insert_room(&mut w.tx, room_nid, room_id.as_str(), room.version.as_str())
+            .await?;
+        let stored = self.write_batch(&room, w, all, applied, &mut head).await?;
+        *guard = Some(head);
+        self.rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room_nid, room.clone());
+        self.room_nids
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room_id, room_nid);
+        Ok((room, stored))
+    }
+
+    /// Appends local events to a room, in order, in one transaction. Each is authorised against
+    /// the state left by the previous one; if any is refused, nothing is written.
+    pub async fn append(
+        &self,
+        room: &Arc<RoomInfo>,
+        items: Vec<Append>,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        let mut head = self.load_head(room, &mut guard).await?.clone();
+        let mut local = HashMap::new();
+        let mut built_all = Vec::with_capacity(items.len());
+        let mut applied = Vec::with_capacity(items.len());
+        for item in items {
+            let built = self.build_one(room, &head, &local, item).await?;
+            applied.push(
+                self.apply_built(room, &mut head, &mut local, &built)
+                    .await?,
+            );
+            built_all.push(built);
+        }
+        let w = self.store.write().await?;
+        let stored = self
+            .write_batch(room, w, built_all, applied, &mut head)
+            .await?;
+        *guard = Some(head);
+        Ok(stored)
+    }
+
+    /// Builds, signs and authorises one event on `head`.
+    async fn build_one(
+        &self,
+        room: &RoomInfo,
+        head: &RoomHead,
+        local: &HashMap<i64, Arc<Pdu>>,
+        item: Append,
+    ) -> Result<Built> {
+        let content_raw = serde_json::value::to_raw_value(&item.event.content)?;
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &TimelineEventType::from(item.event.kind.as_str()),
+            &item.sender,
+            item.event.state_key.as_deref(),
+            &content_raw,
+            &room.rules.authorization,
+        )
+        .map_err(|e| Error::bad_json(format!("invalid content: {e}")))?;
+        // The auth events and every state the auth rules may look at.
+        let mut needed: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();
+        let mut wanted = auth_types.clone();
+        wanted.push((StateEventType::RoomCreate, String::new()));
+        wanted.push((StateEventType::RoomPowerLevels, String::new()));
+        wanted.push((StateEventType::RoomJoinRules, String::new()));
+        wanted.push((StateEventType::RoomMember, item.sender.to_string()));
+        for (ty, sk) in wanted {
+            if let Some(k) = self.state.lookup(&self.store, &ty.to_string(), &sk).await? {
+                if let Some(nid) = head.state.get(&k) {
+                    let pdu = match local.get(nid) {
+                        Some(p) => p.clone(),
+                        None => self.event(*nid).await?.pdu.clone(),
+                    };
+                    needed.insert((ty, sk), pdu);
+                }
+            }
+        }
+        let mut auth_events: Vec<OwnedEventId> = auth_types
+            .iter()
+            .filter(|(ty, _)| {
+                !(room.rules.authorization.room_create_event_id_as_room_id
+                    && *ty == StateEventType::RoomCreate)
+            })
+            .filter_map(|k| needed.get(k).map(|p| p.event_id.clone()))
+            .collect();
+        auth_events.sort();
+        auth_events.dedup();
+        let prev: Vec<OwnedEventId> = head
+            .extremities
+            .iter()
+            .take(MAX_PREV_EVENTS)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let depth = head.extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        let frame = EventFrame {
+            room_id: &room.room_id,
+            version: &room.version,
+            rules: &room.rules,
+            sender: &item.sender,
+            prev_events: &prev,
+            auth_events: &auth_events,
+            depth,
+            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
+        };
+        if item.event.kind == "m.room.create" {
+            return Err(Error::forbidden("a room has exactly one create event"));
+        }
+        let redacts = item.event.redacts.clone();
+        let pdu = build_pdu(item.event, &frame, self.server_name.as_str(), &self.key)?;
+        let by_id: HashMap<&ruma::EventId, &Pdu> =
+            needed.values().map(|p| (&*p.event_id, &**p)).collect();
+        ruma::state_res::check_state_independent_auth_rules(
+            &room.rules.authorization,
+            &pdu,
+            |id| by_id.get(id).copied(),
+        )
+        .map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
+        ruma::state_res::check_state_dependent_auth_rules(
+            &room.rules.authorization,
+            &pdu,
+            |ty: &StateEventType, sk: &str| needed.get(&(ty.clone(), sk.to_owned())).map(|p| &**p),
+        )
+        .map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
+
+        // A redaction changes stored content only if its sender may redact the target.
+        let redaction = match redacts {
+            Some(target_id) => {
+                let target = self
+                    .event_by_id(&target_id)
+                    .await?
+                    .filter(|t| t.room_nid == room.nid)
+                    .ok_or_else(|| Error::not_found("Event to redact not found"))?;
+                let pl = needed.get(&(StateEventType::RoomPowerLevels, String::new()));
+                let create = needed.get(&(StateEventType::RoomCreate, String::new()));
+                let power = crate::power::PowerLevels::from_state(
+                    pl.map(|p| &**p),
+                    create.map(|p| &**p),
+                    &room.rules,
+                );
+                if target.pdu.sender != item.sender && !power.can_redact(&item.sender) {
+                    return Err(Error::forbidden("You may not redact this event"));
+                }
+                if target.redacted_by.is_some() {
+                    None
+                } else {
+                    let red = redact_json(&target.pdu.json, &room.rules)?;
+                    Some((target.nid, red.get().to_owned()))
+                }
+            }
+            None => None,
+        };
+        Ok(Built {
+            pdu: Arc::new(pdu),
+            sender_txn: item.txn,
+            redaction,
+        })
+    }
+
+    /// Advances `head` by a built event (in memory only) and allocates its numeric IDs.
+    async fn apply_built(
+        &self,
+        _room: &RoomInfo,
+        head: &mut RoomHead,
+        local: &mut HashMap<i64, Arc<Pdu>>,
+        built: &Built,
+    ) -> Result<Applied> {
+        let pdu = &built.pdu;
+        let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+        local.insert(nid, pdu.clone());
+        let state_before = head.state_group;
+        let mut new_group = None;
+        if let Some(sk) = &pdu.state_key {
+            let k = self
+                .state
+                .intern(&self.store, &pdu.kind.to_string(), sk)
+                .await?;
+            let group = self.next_state_group.fetch_add(1, Ordering::Relaxed);
+            let mut map = (*head.state).clone();
+            map.insert(k, nid);
+            let (parent, chain_len, edits) = if head.state_group == 0 || head.chain_len >= MAX_CHAIN
+            {
+                (None, 0, map.iter().map(|(k, v)| (*k, *v)).collect())
+            } else {
+                (Some(head.state_group), head.chain_len + 1, vec![(k, nid)])
+            };
+            head.state = Arc::new(map);
+            head.state_group = group;
+            head.chain_len = chain_len;
+            new_group = Some(AppliedGroup {
+                group,
+                state_key_nid: k,
+                parent,
+                chain_len,
+                edits,
+            });
+        }
+        head.extremities = vec![(pdu.event_id.clone(), pdu.depth)];
+        Ok(Applied {
+            nid,
+            state_before,
+            new_group,
+            state_after: head.state.clone(),
+        })
+    }
+
+    async fn write_batch(
+        &self,
+        room: &Arc<RoomInfo>,
+        mut w: crate::store::WriteTxn<'_>,
+        built: Vec<Built>,
+        applied: Vec<Applied>,
+        head: &mut RoomHead,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let positions = self.events_stream.allocate(built.len());
+        let result: Result<()> = async {
+            for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
+                let pdu = &b.pdu;
+                let prev: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
+                let membership = if pdu.kind == TimelineEventType::RoomMember {
+                    pdu.content_str("membership")
+                } else {
+                    None
+                };
+                let state = a.new_group.as_ref().map(|g| NewStateGroup {
+                    group: g.group,
+                    state_key_nid: g.state_key_nid,
+                    parent: g.parent,
+                    chain_len: g.chain_len,
+                    edits: &g.edits,
+                });
+                let txn = b
+                    .sender_txn
+                    .as_ref()
+                    .map(|(d, t)| (pdu.sender.as_str(), d.as_str(), t.as_str()));
+                self.store
+                    .persist_event(
+                        &mut w.tx,
+                        &PersistEvent {
+                            event_nid: a.nid,
+                            room_nid: room.nid,
+                            event_id: pdu.event_id.as_str(),
+                            event_type: &pdu.kind.to_string(),
+                            state_key: pdu.state_key.as_deref(),
+                            sender: pdu.sender.as_str(),
+                            depth: pdu.depth,
+                            origin_server_ts: u64::from(pdu.origin_server_ts.0) as i64,
+                            stream_ordering: *pos,
+                            json: pdu.json.get(),
+                            prev_events: &prev,
+                            state_before: a.state_before,
+                            state: state,
+                            membership: match (&pdu.state_key, &membership) {
+                                (Some(sk), Some(m)) => Some((sk.as_str(), m.as_str())),
+                                _ => None,
+                            },
+                            txn,
+                        },
+                    )
+                    .await?;
+                if let Some((target, json)) = &b.redaction {
+                    self.store
+                        .store_redaction(&mut w.tx, *target, json, pdu.event_id.as_str())
+                        .await?;
+                }
+            }
+            w.commit().await
+        }
+        .await;
+        if let Err(e) = result {
+            self.events_stream.complete(&positions);
+            return Err(e);
+        }
+        // Committed: publish to caches, then to the stream, then wake.
+        let mut stored = Vec::with_capacity(built.len());
+        let mut member_changes = Vec::new();
+        for ((b, a), pos) in built.into_iter().zip(applied).zip(&positions) {
+            if let Some(g) = &a.new_group {
+                self.state
+                    .insert_group(g.group, a.state_after.clone(), g.chain_len);
+            }
+            if let Some((target, _)) = &b.redaction {
+                self.uncache_event(*target);
+            }
+            if b.pdu.kind == TimelineEventType::RoomMember {
+                if let (Some(sk), Some(m)) = (&b.pdu.state_key, b.pdu.content_str("membership")) {
+                    member_changes.push((sk.clone(), m));
+                }
+            }
+            let ev = Arc::new(StoredEvent {
+                nid: a.nid,
+                room_nid: room.nid,
+                stream_ordering: Some(*pos),
+                depth: b.pdu.depth,
+                state_before: Some(a.state_before),
+                state_after: Some(
+                    a.new_group
+                        .as_ref()
+                        .map(|g| g.group)
+                        .unwrap_or(a.state_before),
+                ),
+                redacted_by: None,
+                pdu: b.pdu,
+            });
+            self.cache_event(ev.clone());
+            stored.push(ev);
+        }
+        let _ = head;
+        let members = {
+            let mut all = self.members.write().unwrap_or_else(|e| e.into_inner());
+            let entry = all.get(&room.nid).cloned();
+            if let Some(mut m) = entry.map(|m| (*m).clone()) {
+                for (u, mem) in &member_changes {
+                    m.insert(u.clone(), mem.clone());
+                }
+                let m = Arc::new(m);
+                all.insert(room.nid, m.clone());
+                Some(m)
+            } else {
+                None
+            }
+        };
+        let members = match members {
+            Some(m) => m,
+            None => self.members(room.nid).await?,
+        };
+        if let Some(last) = positions.last() {
+            self.room_positions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.nid, *last);
+        }
+        self.events_stream.complete(&positions);
+        // Everyone with a membership (joined, invited, knocking, just left) hears of it.
+        self.notifier.wake(members.keys().map(|s| s.as_str()));
+        Ok(stored)
+    }
+
+    /// Wakes a user's syncs (after account data and similar per-user changes).
+    pub fn wake_user(&self, user_id: &str) {
+        self.notifier.wake([user_id]);
+    }
+}
+
+struct Built {
+    pdu: Arc<Pdu>,
+    sender_txn: Option<(String, String)>,
+    redaction: Option<(i64, String)>,
+}
+
+struct AppliedGroup {
+    group: i64,
+    state_key_nid: i64,
+    parent: Option<i64>,
+    chain_len: i64,
+    edits: Vec<(i64, i64)>,
+}
+
+struct Applied {
+    nid: i64,
+    state_before: i64,
+    new_group: Option<AppliedGroup>,
+    state_after: Arc<StateMap>,
+}
+
+/// A random alphanumeric string (IDs, tokens).
+pub fn random_string(n: usize) -> String {
+    use rand::{distributions::Alphanumeric, Rng};
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}

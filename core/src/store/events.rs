@@ -1,0 +1,420 @@
+//! Events: persisting a new event with everything it changes (one transaction), loading events
+//! by numeric or string ID, and the room-timeline range queries behind sync and `/messages`.
+
+use sqlx::{any::AnyRow, Any, Row, Transaction};
+
+use sqlx::AssertSqlSafe;
+
+use super::Store;
+use crate::Result;
+
+/// A stored event.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub event_nid: i64,
+    pub event_id: String,
+    pub room_nid: i64,
+    pub stream_ordering: Option<i64>,
+    pub depth: i64,
+    pub state_before: Option<i64>,
+    pub state_after: Option<i64>,
+    pub redacted_by: Option<String>,
+    pub json: String,
+}
+
+const EVENT_COLS: &str = "event_nid, event_id, room_nid, stream_ordering, depth, state_before, \
+                          state_after, redacted_by, json";
+
+fn event_row(r: AnyRow) -> EventRow {
+    EventRow {
+        event_nid: r.get(0),
+        event_id: r.get(1),
+        room_nid: r.get(2),
+        stream_ordering: r.get(3),
+        depth: r.get(4),
+        state_before: r.get(5),
+        state_after: r.get(6),
+        redacted_by: r.get(7),
+        json: r.get(8),
+    }
+}
+
+/// Everything one new event changes, written by [`Store::persist_event`]. Numeric IDs (event,
+/// state group) and the stream position are allocated by the caller.
+pub struct PersistEvent<'a> {
+    pub event_nid: i64,
+    pub room_nid: i64,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub sender: &'a str,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub stream_ordering: i64,
+    pub json: &'a str,
+    pub prev_events: &'a [String],
+    /// The state group in force before the event.
+    pub state_before: i64,
+    /// For a state event: the new group (its ID becomes the state after the event).
+    pub state: Option<NewStateGroup<'a>>,
+    /// For a membership event: the target user and membership.
+    pub membership: Option<(&'a str, &'a str)>,
+    /// `(user_id, device_id, txn_id)` of a local client send.
+    pub txn: Option<(&'a str, &'a str, &'a str)>,
+}
+
+/// Result of persisting: the event's numeric ID and the state group after it.
+#[derive(Debug, Clone, Copy)]
+pub struct Persisted {
+    pub event_nid: i64,
+    pub state_after: i64,
+}
+
+/// A state group to create for a state event.
+pub struct NewStateGroup<'a> {
+    pub group: i64,
+    pub state_key_nid: i64,
+    /// `None` for a group with no parent (the first); otherwise the parent group.
+    pub parent: Option<i64>,
+    pub chain_len: i64,
+    /// The group's own entries: one for a delta, all of them for a full snapshot.
+    pub edits: &'a [(i64, i64)],
+}
+
+impl Store {
+    /// Writes one event and every change it makes, inside `tx`.
+    pub async fn persist_event(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        ev: &PersistEvent<'_>,
+    ) -> Result<Persisted> {
+        let mut state_after = ev.state_before;
+        if let Some(sg) = &ev.state {
+            state_after = sg.group;
+            sqlx::query(
+                "INSERT INTO state_groups (state_group, room_nid, parent_group, chain_len) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(sg.group)
+            .bind(ev.room_nid)
+            .bind(sg.parent)
+            .bind(sg.chain_len)
+            .execute(&mut **tx)
+            .await?;
+            for (k, e) in sg.edits {
+                sqlx::query(
+                    "INSERT INTO state_group_edits (state_group, state_key_nid, event_nid) \
+                     VALUES ($1, $2, $3)",
+                )
+                .bind(sg.group)
+                .bind(k)
+                .bind(e)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        let event_nid = ev.event_nid;
+        sqlx::query(
+            "INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, \
+             state_key, sender, origin_server_ts, state_before, state_after, json, event_nid) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(ev.event_id)
+        .bind(ev.room_nid)
+        .bind(ev.stream_ordering)
+        .bind(ev.depth)
+        .bind(ev.event_type)
+        .bind(ev.state_key)
+        .bind(ev.sender)
+        .bind(ev.origin_server_ts)
+        .bind(ev.state_before)
+        .bind(state_after)
+        .bind(ev.json)
+        .bind(event_nid)
+        .execute(&mut **tx)
+        .await?;
+        for prev in ev.prev_events {
+            sqlx::query("INSERT INTO event_edges (event_nid, prev_event_id) VALUES ($1, $2)")
+                .bind(event_nid)
+                .bind(prev)
+                .execute(&mut **tx)
+                .await?;
+        }
+        // The new event replaces its prev_events as the room's forward extremity.
+        sqlx::query(
+            "DELETE FROM forward_extremities WHERE room_nid = $1 AND event_nid IN \
+             (SELECT e.event_nid FROM events e JOIN event_edges ed ON ed.prev_event_id = e.event_id \
+              WHERE ed.event_nid = $2)",
+        )
+        .bind(ev.room_nid)
+        .bind(event_nid)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $2)")
+            .bind(ev.room_nid)
+            .bind(event_nid)
+            .execute(&mut **tx)
+            .await?;
+        if let Some(sg) = &ev.state {
+            sqlx::query(
+                "INSERT INTO current_state (room_nid, state_key_nid, event_nid) VALUES ($1, $2, $3) \
+                 ON CONFLICT (room_nid, state_key_nid) DO UPDATE SET event_nid = $3",
+            )
+            .bind(ev.room_nid)
+            .bind(sg.state_key_nid)
+            .bind(event_nid)
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query("UPDATE rooms SET state_group = $2 WHERE room_nid = $1")
+                .bind(ev.room_nid)
+                .bind(state_after)
+                .execute(&mut **tx)
+                .await?;
+        }
+        if let Some((user, membership)) = ev.membership {
+            sqlx::query(
+                "INSERT INTO room_memberships (room_nid, user_id, membership, event_nid, \
+                 stream_ordering, forgotten) VALUES ($1, $2, $3, $4, $5, 0) \
+                 ON CONFLICT (room_nid, user_id) DO UPDATE SET membership = $3, event_nid = $4, \
+                 stream_ordering = $5, forgotten = 0",
+            )
+            .bind(ev.room_nid)
+            .bind(user)
+            .bind(membership)
+            .bind(event_nid)
+            .bind(ev.stream_ordering)
+            .execute(&mut **tx)
+            .await?;
+        }
+        if let Some((user, device, txn)) = ev.txn {
+            sqlx::query(
+                "INSERT INTO event_txns (user_id, device_id, txn_id, event_nid) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(user)
+            .bind(device)
+            .bind(txn)
+            .bind(event_nid)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(Persisted {
+            event_nid,
+            state_after,
+        })
+    }
+
+    /// Replaces an event's stored JSON by its redacted form.
+    pub async fn store_redaction(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        target_nid: i64,
+        redacted_json: &str,
+        redacted_by: &str,
+    ) -> Result<()> {
+        sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_nid = $1")
+            .bind(target_nid)
+            .bind(redacted_json)
+            .bind(redacted_by)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn event_by_id(&self, event_id: &str) -> Result<Option<EventRow>> {
+        let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_id = $1");
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(event_id)
+            .fetch_optional(self.pool())
+            .await?
+            .map(event_row))
+    }
+
+    pub async fn event_by_nid(&self, nid: i64) -> Result<Option<EventRow>> {
+        let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_nid = $1");
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(nid)
+            .fetch_optional(self.pool())
+            .await?
+            .map(event_row))
+    }
+
+    /// Events by numeric ID, in no particular order.
+    pub async fn events_by_nids(&self, nids: &[i64]) -> Result<Vec<EventRow>> {
+        let mut out = Vec::with_capacity(nids.len());
+        for chunk in nids.chunks(500) {
+            let list = chunk
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!("SELECT {EVENT_COLS} FROM events WHERE event_nid IN ({list})");
+            out.extend(
+                sqlx::query(AssertSqlSafe(sql))
+                    .fetch_all(self.pool())
+                    .await?
+                    .into_iter()
+                    .map(event_row),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The event a client transaction ID produced, if any.
+    pub async fn event_for_txn(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT e.event_id FROM event_txns t JOIN events e ON e.event_nid = t.event_nid \
+             WHERE t.user_id = $1 AND t.device_id = $2 AND t.txn_id = $3",
+        )
+        .bind(user_id)
+        .bind(device_id)
+        .bind(txn_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// `(device_id, txn_id)` of a locally sent event, for `unsigned.transaction_id`.
+    pub async fn txn_of_events(&self, nids: &[i64]) -> Result<Vec<(i64, String, String)>> {
+        if nids.is_empty() {
+            return Ok(vec![]);
+        }
+        let list = nids
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT event_nid, device_id, txn_id FROM event_txns WHERE event_nid IN ({list})"
+        );
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Room events with `from < stream_ordering <= to`, newest first, at most `limit`.
+    pub async fn room_events_stream_desc(
+        &self,
+        room_nid: i64,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let sql = format!(
+            "SELECT {EVENT_COLS} FROM events WHERE room_nid = $1 AND stream_ordering > $2 \
+             AND stream_ordering <= $3 AND outlier = 0 ORDER BY stream_ordering DESC LIMIT $4"
+        );
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(room_nid)
+            .bind(from)
+            .bind(to)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .map(event_row)
+            .collect())
+    }
+
+    /// Topological pagination: events strictly before (`backwards`) or after the position
+    /// `(depth, stream)`, also bounded by `stream_max`, at most `limit`.
+    pub async fn room_events_topological(
+        &self,
+        room_nid: i64,
+        depth: i64,
+        stream: i64,
+        backwards: bool,
+        stream_max: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let sql = if backwards {
+            format!(
+                "SELECT {EVENT_COLS} FROM events WHERE room_nid = $1 AND outlier = 0 \
+                 AND stream_ordering IS NOT NULL AND stream_ordering <= $4 \
+                 AND (depth < $2 OR (depth = $2 AND stream_ordering <= $3)) \
+                 ORDER BY depth DESC, stream_ordering DESC LIMIT $5"
+            )
+        } else {
+            format!(
+                "SELECT {EVENT_COLS} FROM events WHERE room_nid = $1 AND outlier = 0 \
+                 AND stream_ordering IS NOT NULL AND stream_ordering <= $4 \
+                 AND (depth > $2 OR (depth = $2 AND stream_ordering > $3)) \
+                 ORDER BY depth ASC, stream_ordering ASC LIMIT $5"
+            )
+        };
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(room_nid)
+            .bind(depth)
+            .bind(stream)
+            .bind(stream_max)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .map(event_row)
+            .collect())
+    }
+
+    /// The highest stream ordering, event ID and state group persisted (to seed the in-process
+    /// allocators).
+    pub async fn max_ids(&self) -> Result<(i64, i64, i64)> {
+        let r = sqlx::query(
+            "SELECT (SELECT MAX(stream_ordering) FROM events), (SELECT MAX(event_nid) FROM events), \
+             (SELECT MAX(state_group) FROM state_groups)",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let get = |i: usize| r.get::<Option<i64>, _>(i).unwrap_or(0);
+        Ok((get(0), get(1), get(2)))
+    }
+
+    /// Rooms (numeric IDs) with events in `(from, to]`, with each room's latest position there.
+    pub async fn rooms_with_events_between(&self, from: i64, to: i64) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query(
+            "SELECT room_nid, MAX(stream_ordering) FROM events WHERE stream_ordering > $1 \
+             AND stream_ordering <= $2 GROUP BY room_nid",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
+    /// The latest stream ordering of every room (to seed the in-memory map).
+    pub async fn room_latest_positions(&self) -> Result<Vec<(i64, i64)>> {
+        Ok(sqlx::query(
+            "SELECT room_nid, MAX(stream_ordering) FROM events WHERE stream_ordering IS NOT NULL \
+             GROUP BY room_nid",
+        )
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+}
+
+impl Store {
+    /// The state group after the room's last event at or below stream position `pos`.
+    pub async fn state_group_at(&self, room_nid: i64, pos: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT state_after FROM events WHERE room_nid = $1 AND stream_ordering <= $2 \
+             AND outlier = 0 ORDER BY stream_ordering DESC LIMIT 1",
+        )
+        .bind(room_nid)
+        .bind(pos)
+        .fetch_optional(self.pool())
+        .await?
+        .flatten())
+    }
+}

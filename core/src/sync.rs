@@ -1,0 +1,468 @@
+//! `/sync` (spec § "Syncing"): initial and incremental sync of one device, long-polling on the
+//! notifier. One function serves every sync transport.
+//!
+//! A sync between tokens `since` and `now` looks only at rooms whose latest position moved past
+//! `since` (known in memory), so an idle poll costs no query. Every change after `since` is
+//! returned exactly once: the response's `next_batch` is `now`, and everything at or below `now`
+//! was committed before `now` was read.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use serde_json::{json, Map, Value};
+
+use crate::{
+    filter::Filter,
+    server::{RoomInfo, StoredEvent},
+    state::StateMap,
+    store::MembershipRow,
+    token::{PageToken, SyncToken},
+    Result, Server,
+};
+
+/// Parameters of one sync request.
+pub struct SyncRequest {
+    pub user_id: String,
+    pub device_id: String,
+    pub since: Option<SyncToken>,
+    pub full_state: bool,
+    pub filter: Filter,
+    pub use_state_after: bool,
+    pub timeout: Duration,
+}
+
+const DEFAULT_TIMELINE_LIMIT: i64 = 10;
+const MAX_TIMELINE_LIMIT: i64 = 500;
+
+impl Server {
+    /// The positions of every stream now.
+    pub fn current_token(&self) -> SyncToken {
+        SyncToken {
+            events: self.events_stream.current(),
+            account_data: self.account_data_stream.current(),
+        }
+    }
+
+    /// Runs one sync, waiting up to `timeout` for something to report.
+    pub async fn sync(&self, req: &SyncRequest) -> Result<Value> {
+        let mut wake = self.notifier.subscribe(&req.user_id);
+        wake.borrow_and_update();
+        let deadline = tokio::time::Instant::now() + req.timeout;
+        loop {
+            let now = self.current_token();
+            let unchanged = req
+                .since
+                .is_some_and(|s| s.events >= now.events && s.account_data >= now.account_data);
+            if !unchanged || req.full_state || req.timeout.is_zero() {
+                let (body, empty) = self.compute_sync(req, now).await?;
+                if !empty || req.since.is_none() || req.full_state {
+                    return Ok(body);
+                }
+                if tokio::time::Instant::now() >= deadline
+                    || self
+                        .shutting_down
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return Ok(body);
+                }
+            }
+            if self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let (body, _) = self.compute_sync(req, now).await?;
+                return Ok(body);
+            }
+            match tokio::time::timeout_at(deadline, wake.changed()).await {
+                Ok(Ok(())) => {
+                    wake.borrow_and_update();
+                }
+                _ => {
+                    let now = self.current_token();
+                    let (body, _) = self.compute_sync(req, now).await?;
+                    return Ok(body);
+                }
+            }
+        }
+    }
+
+    async fn compute_sync(&self, req: &SyncRequest, now: SyncToken) -> Result<(Value, bool)> {
+        let since = req.since.unwrap_or_default();
+        let initial = req.since.is_none();
+        let mut join = Map::new();
+        let mut invite = Map::new();
+        let mut leave = Map::new();
+
+        // Account data changed in the window.
+        let ad = if initial || since.account_data < now.account_data {
+            self.store
+                .account_data_since(&req.user_id, since.account_data, now.account_data)
+                .await?
+        } else {
+            vec![]
+        };
+        let mut global_ad = Vec::new();
+        let mut room_ad: HashMap<String, Vec<Value>> = HashMap::new();
+        for row in ad {
+            let content: Value = serde_json::from_str(&row.content).unwrap_or(json!({}));
+            let ev = json!({"type": row.data_type, "content": content});
+            if row.room_id.is_empty() {
+                if req
+                    .filter
+                    .account_data
+                    .allows_type_sender(&row.data_type, "")
+                {
+                    global_ad.push(ev);
+                }
+            } else if req
+                .filter
+                .room
+                .account_data
+                .allows_type_sender(&row.data_type, "")
+            {
+                room_ad.entry(row.room_id).or_default().push(ev);
+            }
+        }
+
+        let memberships = self.store.rooms_of_user(&req.user_id).await?;
+        for m in memberships {
+            if m.stream_ordering > now.events {
+                // Committed after `now` was read: the next sync reports it.
+                continue;
+            }
+            let room = self.room_by_nid(m.room_nid).await?;
+            let rid = room.room_id.to_string();
+            if !req.filter.room.allows_room(&rid) {
+                continue;
+            }
+            let changed = self.room_position(room.nid) > since.events;
+            let ad_here = room_ad.remove(&rid).unwrap_or_default();
+            match m.membership.as_str() {
+                "join" => {
+                    let newly = m.stream_ordering > since.events;
+                    if !(initial || req.full_state || changed || !ad_here.is_empty()) {
+                        continue;
+                    }
+                    let from = if newly { 0 } else { since.events };
+                    let mut body = self
+                        .room_sync(
+                            req,
+                            &room,
+                            from,
+                            now.events,
+                            initial || newly || req.full_state,
+                            &m,
+                        )
+                        .await?;
+                    body.insert("account_data".into(), json!({ "events": ad_here }));
+                    body.insert("ephemeral".into(), json!({ "events": [] }));
+                    body.insert(
+                        "unread_notifications".into(),
+                        json!({"notification_count": 0, "highlight_count": 0}),
+                    );
+                    join.insert(rid, Value::Object(body));
+                }
+                "invite" | "knock" => {
+                    if !initial && m.stream_ordering <= since.events {
+                        continue;
+                    }
+                    let key = if m.membership == "invite" {
+                        "invite_state"
+                    } else {
+                        "knock_state"
+                    };
+                    let stripped = self.stripped_state(&room, m.event_nid).await?;
+                    let target = if m.membership == "invite" {
+                        &mut invite
+                    } else {
+                        &mut leave
+                    };
+                    if m.membership == "invite" {
+                        target.insert(rid, json!({ key: { "events": stripped } }));
+                    }
+                }
+                _ => {
+                    // leave or ban: reported once, after it happened (or on an initial sync
+                    // only when the filter asks for left rooms).
+                    let report = if initial {
+                        req.filter.room.include_leave && !m.forgotten
+                    } else {
+                        m.stream_ordering > since.events
+                    };
+                    if !report {
+                        continue;
+                    }
+                    let from = if initial { 0 } else { since.events };
+                    let mut body = self
+                        .room_sync(req, &room, from, m.stream_ordering, true, &m)
+                        .await?;
+                    body.insert("account_data".into(), json!({ "events": ad_here }));
+                    leave.insert(rid, Value::Object(body));
+                }
+            }
+        }
+        let empty =
+            join.is_empty() && invite.is_empty() && leave.is_empty() && global_ad.is_empty();
+        let mut rooms = Map::new();
+        rooms.insert("join".into(), Value::Object(join));
+        rooms.insert("invite".into(), Value::Object(invite));
+        rooms.insert("leave".into(), Value::Object(leave));
+        rooms.insert("knock".into(), json!({}));
+        let body = json!({
+            "next_batch": now.encode(),
+            "rooms": rooms,
+            "account_data": { "events": global_ad },
+            "presence": { "events": [] },
+            "to_device": { "events": [] },
+            "device_lists": { "changed": [], "left": [] },
+            "device_one_time_keys_count": {},
+        });
+        Ok((body, empty))
+    }
+
+    /// The body of one joined (or left) room between stream positions `from` and `to`.
+    async fn room_sync(
+        &self,
+        req: &SyncRequest,
+        room: &Arc<RoomInfo>,
+        from: i64,
+        to: i64,
+        full: bool,
+        membership: &MembershipRow,
+    ) -> Result<Map<String, Value>> {
+        let tf = &req.filter.room.timeline;
+        let limit = tf
+            .limit
+            .map(|l| l as i64)
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .clamp(1, MAX_TIMELINE_LIMIT);
+        // Newest first; one extra row tells whether the window overflowed.
+        let rows = self
+            .store
+            .room_events_stream_desc(room.nid, from, to, limit + 1)
+            .await?;
+        let limited = rows.len() as i64 > limit;
+        let mut events = self.events_from_rows(rows).await?;
+        events.truncate(limit as usize);
+        events.reverse();
+        let current = Some(membership.membership.as_str());
+        let visible = self.filter_visible(&req.user_id, current, events).await?;
+        let timeline: Vec<Arc<StoredEvent>> =
+            visible.into_iter().filter(|e| tf.allows(&e.pdu)).collect();
+
+        // State at the window's start (since) and at the timeline's start and end.
+        let since_group = if full || from == 0 {
+            None
+        } else {
+            self.store.state_group_at(room.nid, from).await?
+        };
+        let since_state = match since_group {
+            Some(g) => self.state_map(g).await?,
+            None => Arc::new(StateMap::new()),
+        };
+        let end_group = self.store.state_group_at(room.nid, to).await?;
+        let first_before = timeline.first().and_then(|e| e.state_before);
+        let start_group = if limited || !timeline.is_empty() {
+            first_before.or(end_group)
+        } else {
+            end_group
+        };
+        let target_group = if req.use_state_after {
+            end_group
+        } else {
+            start_group
+        };
+        let target = match target_group {
+            Some(g) if g != 0 => self.state_map(g).await?,
+            _ => Arc::new(StateMap::new()),
+        };
+        let mut state_nids: Vec<i64> = target
+            .iter()
+            .filter(|(k, v)| since_state.get(k) != Some(v))
+            .map(|(_, v)| *v)
+            .collect();
+        if !req.use_state_after {
+            let in_timeline: std::collections::HashSet<i64> =
+                timeline.iter().map(|e| e.nid).collect();
+            state_nids.retain(|n| !in_timeline.contains(n));
+        }
+        let mut state_events = self.events(&state_nids).await?;
+        let sf = &req.filter.room.state;
+        let lazy = sf.lazy_load_members || tf.lazy_load_members;
+        let senders: std::collections::HashSet<String> = timeline
+            .iter()
+            .map(|e| e.pdu.sender.to_string())
+            .chain(std::iter::once(req.user_id.clone()))
+            .collect();
+        state_events.retain(|e| {
+            let t = e.pdu.kind.to_string();
+            if lazy && t == "m.room.member" {
+                return e
+                    .pdu
+                    .state_key
+                    .as_ref()
+                    .is_some_and(|k| senders.contains(k));
+            }
+            sf.allows(&e.pdu)
+        });
+        let prev_batch = timeline
+            .first()
+            .map(|e| {
+                PageToken::Topological {
+                    depth: e.depth,
+                    stream: e.stream_ordering.unwrap_or(0) - 1,
+                }
+                .encode()
+            })
+            .unwrap_or_else(|| PageToken::Stream(to).encode());
+
+        let mut body = Map::new();
+        let rendered_state = self
+            .render_events(&state_events, &req.user_id, &req.device_id)
+            .await?;
+        let key = if req.use_state_after {
+            "state_after"
+        } else {
+            "state"
+        };
+        body.insert(key.into(), json!({ "events": rendered_state }));
+        body.insert(
+            "timeline".into(),
+            json!({
+                "events": self.render_events(&timeline, &req.user_id, &req.device_id).await?,
+                "limited": limited,
+                "prev_batch": prev_batch,
+            }),
+        );
+        if full
+            || from == 0
+            || state_events
+                .iter()
+                .any(|e| e.pdu.kind.to_string() == "m.room.member")
+            || timeline
+                .iter()
+                .any(|e| e.pdu.kind.to_string() == "m.room.member")
+        {
+            body.insert(
+                "summary".into(),
+                self.room_summary(room, &req.user_id).await?,
+            );
+        }
+        Ok(body)
+    }
+
+    /// `m.heroes`, `m.joined_member_count`, `m.invited_member_count`.
+    pub async fn room_summary(&self, room: &RoomInfo, user: &str) -> Result<Value> {
+        let members = self.members(room.nid).await?;
+        let joined = members.values().filter(|m| *m == "join").count();
+        let invited = members.values().filter(|m| *m == "invite").count();
+        let mut heroes: Vec<&String> = members
+            .iter()
+            .filter(|(u, m)| u.as_str() != user && (*m == "join" || *m == "invite"))
+            .map(|(u, _)| u)
+            .collect();
+        if heroes.is_empty() {
+            heroes = members
+                .iter()
+                .filter(|(u, _)| u.as_str() != user)
+                .map(|(u, _)| u)
+                .collect();
+        }
+        heroes.sort();
+        heroes.truncate(5);
+        Ok(json!({
+            "m.heroes": heroes,
+            "m.joined_member_count": joined,
+            "m.invited_member_count": invited,
+        }))
+    }
+
+    /// Stripped state shown with an invite: the room's key state and the invite itself.
+    pub async fn stripped_state(
+        &self,
+        room: &RoomInfo,
+        member_event_nid: i64,
+    ) -> Result<Vec<Value>> {
+        let ev = self.event(member_event_nid).await?;
+        let state = match ev.state_after {
+            Some(g) if g != 0 => self.state_map(g).await?,
+            _ => self.current_state(room).await?,
+        };
+        let mut out = Vec::new();
+        for (t, k) in [
+            ("m.room.create", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+        ] {
+            if let Some(e) = self.state_event(&state, t, k).await? {
+                out.push(e.pdu.to_stripped());
+            }
+        }
+        if let Some(e) = self
+            .state_event(&state, "m.room.member", ev.pdu.sender.as_str())
+            .await?
+        {
+            out.push(e.pdu.to_stripped());
+        }
+        let mut own = ev.pdu.to_stripped();
+        own["event_id"] = json!(ev.pdu.event_id);
+        own["origin_server_ts"] = json!(u64::from(ev.pdu.origin_server_ts.0));
+        out.push(own);
+        Ok(out)
+    }
+
+    /// Renders events for a viewer: `unsigned.transaction_id` for the sending device,
+    /// `redacted_because` for redacted events, `prev_content` for replaced state.
+    pub async fn render_events(
+        &self,
+        events: &[Arc<StoredEvent>],
+        viewer: &str,
+        device: &str,
+    ) -> Result<Vec<Value>> {
+        let own: Vec<i64> = events
+            .iter()
+            .filter(|e| e.pdu.sender.as_str() == viewer)
+            .map(|e| e.nid)
+            .collect();
+        let txns: HashMap<i64, (String, String)> = self
+            .store
+            .txn_of_events(&own)
+            .await?
+            .into_iter()
+            .map(|(n, d, t)| (n, (d, t)))
+            .collect();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let mut unsigned = Map::new();
+            if let Some((d, t)) = txns.get(&e.nid) {
+                if d == device {
+                    unsigned.insert("transaction_id".into(), json!(t));
+                }
+            }
+            if let Some(by) = &e.redacted_by {
+                if let Ok(id) = ruma::OwnedEventId::try_from(by.as_str()) {
+                    if let Some(r) = self.event_by_id(&id).await? {
+                        unsigned.insert("redacted_because".into(), r.pdu.to_client(Map::new()));
+                    }
+                }
+            }
+            if let (Some(sk), Some(g)) = (&e.pdu.state_key, e.state_before) {
+                if g != 0 {
+                    let before = self.state_map(g).await?;
+                    if let Some(prev) = self
+                        .state_event(&before, &e.pdu.kind.to_string(), sk)
+                        .await?
+                    {
+                        unsigned.insert("prev_content".into(), prev.pdu.content_value());
+                        unsigned.insert("replaces_state".into(), json!(prev.pdu.event_id));
+                    }
+                }
+            }
+            out.push(e.pdu.to_client(unsigned));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,123 @@
+//! Loading the configuration: defaults, then the TOML file (`--config`), then `MYELIN_*`
+//! environment variables. Any problem is one line naming the option.
+
+use std::{path::Path, str::FromStr};
+
+use myelin_core::config::Config;
+
+/// `MYELIN_*` variables and the option each overrides.
+pub const ENV_OPTIONS: &[(&str, &str)] = &[
+    ("MYELIN_SERVER_NAME", "server_name"),
+    ("MYELIN_CLIENT_LISTEN", "client_listen"),
+    ("MYELIN_PUBLIC_BASE_URL", "public_base_url"),
+    ("MYELIN_DATA_DIR", "data_dir"),
+    ("MYELIN_DATABASE_URL", "database_url"),
+    (
+        "MYELIN_DATABASE_MAX_CONNECTIONS",
+        "database_max_connections",
+    ),
+    ("MYELIN_REGISTRATION", "registration"),
+    ("MYELIN_MAX_REQUEST_BODY_BYTES", "max_request_body_bytes"),
+    ("MYELIN_MAX_EVENT_BYTES", "max_event_bytes"),
+    (
+        "MYELIN_ACCESS_TOKEN_LIFETIME_MS",
+        "access_token_lifetime_ms",
+    ),
+    ("MYELIN_LOG_FORMAT", "log_format"),
+    ("MYELIN_LOG", "log_filter"),
+];
+
+fn parse<T: FromStr>(option: &str, value: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("option `{option}`: {e} (got {value:?})"))
+}
+
+/// Loads the configuration from an optional file and the environment.
+pub fn load(file: Option<&Path>) -> Result<Config, String> {
+    let mut config = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            toml::from_str::<Config>(&text).map_err(|e| {
+                let msg = e.message().to_owned();
+                format!("config file {}: {msg}", path.display())
+            })?
+        }
+        None => Config::default(),
+    };
+    for (var, option) in ENV_OPTIONS {
+        let Ok(value) = std::env::var(var) else {
+            continue;
+        };
+        let c = &mut config;
+        match *option {
+            "server_name" => c.server_name = value,
+            "client_listen" => c.client_listen = parse(option, &value)?,
+            "public_base_url" => c.public_base_url = Some(value),
+            "data_dir" => c.data_dir = value.into(),
+            "database_url" => c.database_url = Some(value),
+            "database_max_connections" => c.database_max_connections = parse(option, &value)?,
+            "registration" => c.registration = parse(option, &value)?,
+            "max_request_body_bytes" => c.max_request_body_bytes = parse(option, &value)?,
+            "max_event_bytes" => c.max_event_bytes = parse(option, &value)?,
+            "access_token_lifetime_ms" => c.access_token_lifetime_ms = parse(option, &value)?,
+            "log_format" => c.log_format = parse(option, &value)?,
+            "log_filter" => c.log_filter = value,
+            _ => {}
+        }
+    }
+    validate(&config)?;
+    Ok(config)
+}
+
+fn validate(c: &Config) -> Result<(), String> {
+    if myelin_core::ruma::ServerName::parse(&c.server_name).is_err() {
+        return Err(format!(
+            "option `server_name`: {:?} is not a valid server name",
+            c.server_name
+        ));
+    }
+    let url = c.database_url();
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres:")
+        || url.starts_with("postgresql:"))
+    {
+        return Err("option `database_url`: must start with sqlite:// or postgres://".to_owned());
+    }
+    if c.max_event_bytes == 0 || c.max_event_bytes > 65_536 {
+        return Err("option `max_event_bytes`: must be between 1 and 65536".to_owned());
+    }
+    if c.max_request_body_bytes < 1024 {
+        return Err("option `max_request_body_bytes`: must be at least 1024".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_option_names_the_option() {
+        let dir = std::env::temp_dir().join(format!("myelin-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "registration = \"sometimes\"\n").unwrap();
+        let e = load(Some(&f)).unwrap_err();
+        assert!(e.contains("registration") || e.contains("sometimes"), "{e}");
+        std::fs::write(&f, "nonsense_option = 1\n").unwrap();
+        assert!(load(Some(&f)).unwrap_err().contains("nonsense_option"));
+        std::fs::write(
+            &f,
+            "server_name = \"example.org:8448\"\nregistration = \"open\"\n",
+        )
+        .unwrap();
+        let c = load(Some(&f)).unwrap();
+        assert_eq!(c.server_name, "example.org:8448");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
