@@ -37,6 +37,7 @@ async fn sdk_client(server: &TestServer, user: &str, password: &str) -> anyhow::
 /// Syncs `client` once at a time until `done` holds, for at most `within`.
 async fn sync_until(
     client: &Client,
+    what: &str,
     within: Duration,
     mut done: impl FnMut(&Client) -> bool,
 ) -> anyhow::Result<()> {
@@ -49,7 +50,7 @@ async fn sync_until(
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("condition not reached within {within:?}");
+            anyhow::bail!("{what}: not reached within {within:?}");
         }
     }
 }
@@ -71,7 +72,7 @@ backend_tests! {
         let room_id: OwnedRoomId = room.room_id().to_owned();
 
         // Bob sees the invite through his sync and joins.
-        sync_until(&bob, Duration::from_secs(20), |c| !c.invited_rooms().is_empty()).await?;
+        sync_until(&bob, "bob sees the invite", Duration::from_secs(20), |c| !c.invited_rooms().is_empty()).await?;
         assert!(bob.invited_rooms().iter().any(|r| r.room_id() == room_id));
         bob.join_room_by_id(&room_id).await?;
 
@@ -95,7 +96,7 @@ backend_tests! {
 
         // Alice waits until her client knows Bob joined, then sends.
         let joined_room_id = room_id.clone();
-        sync_until(&alice, Duration::from_secs(20), move |c| {
+        sync_until(&alice, "alice sees bob joined", Duration::from_secs(20), move |c| {
             c.get_room(&joined_room_id).is_some_and(|r| r.joined_members_count() >= 2)
         })
         .await?;

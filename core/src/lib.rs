@@ -21,3 +21,4 @@ pub mod filter;
 pub mod sync;
 pub mod token;
 pub mod visibility;
+pub mod sqlx_support;

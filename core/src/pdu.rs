@@ -432,3 +432,101 @@ mod tests {
         assert!(canonical_object(serde_json::json!({"n": 9007199254740991u64})).is_ok());
     }
 }
+
+/// The spec's cryptographic test vectors (`appendices.md` § "Cryptographic Test Vectors").
+#[cfg(test)]
+mod spec_vectors {
+    use base64::{
+        alphabet,
+        engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+        Engine,
+    };
+    use ruma::{canonical_json::CanonicalJsonObject, signatures::Ed25519KeyPair};
+
+    fn key() -> Ed25519KeyPair {
+        // The spec's seed has non-zero trailing bits, which a lenient decoder accepts.
+        let lenient = GeneralPurpose::new(
+            &alphabet::STANDARD,
+            GeneralPurposeConfig::new()
+                .with_decode_allow_trailing_bits(true)
+                .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+        );
+        let seed = lenient.decode("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1").unwrap();
+        // PKCS#8 v1 wrapping of an ed25519 seed.
+        let mut der = hex_prefix();
+        der.extend_from_slice(&seed);
+        Ed25519KeyPair::from_der(&der, "1".to_owned()).unwrap()
+    }
+
+    fn hex_prefix() -> Vec<u8> {
+        vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20]
+    }
+
+    fn obj(v: serde_json::Value) -> CanonicalJsonObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn sig(o: &CanonicalJsonObject) -> String {
+        o["signatures"].as_object().unwrap()["domain"].as_object().unwrap()["ed25519:1"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn json_signing() {
+        let mut empty = obj(serde_json::json!({}));
+        ruma::signatures::sign_json("domain", &key(), &mut empty).unwrap();
+        assert_eq!(
+            sig(&empty),
+            "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"
+        );
+        let mut data = obj(serde_json::json!({"one": 1, "two": "Two"}));
+        ruma::signatures::sign_json("domain", &key(), &mut data).unwrap();
+        assert_eq!(
+            sig(&data),
+            "KqmLSbO39/Bzb0QIYE82zqLwsA+PDzYIpIRA2sRQ4sL53+sN6/fpNSoqE7BP7vBZhG6kYdD13EIMJpvhJI+6Bw"
+        );
+    }
+
+    #[test]
+    fn canonical_json_ordering_and_escaping() {
+        let v = obj(serde_json::json!({"b": "2", "a": {"d": 1, "c": "é\u{1}"}}));
+        assert_eq!(serde_json::to_string(&v).unwrap(), "{\"a\":{\"c\":\"é\\u0001\",\"d\":1},\"b\":\"2\"}");
+    }
+
+    #[test]
+    fn event_signing() {
+        let rules = ruma::RoomVersionId::V1.rules().unwrap();
+        let mut ev = obj(serde_json::json!({
+            "room_id": "!x:domain", "sender": "@a:domain", "origin": "domain",
+            "origin_server_ts": 1000000, "signatures": {}, "hashes": {}, "type": "X",
+            "content": {}, "prev_events": [], "auth_events": [], "depth": 3,
+            "unsigned": {"age_ts": 1000000}
+        }));
+        ruma::signatures::hash_and_sign_event("domain", &key(), &mut ev, &rules.redaction).unwrap();
+        assert_eq!(
+            ev["hashes"].as_object().unwrap()["sha256"].as_str().unwrap(),
+            "5jM4wQpv6lnBo7CLIghJuHdW+s2CMBJPUOGOC89ncos"
+        );
+        assert_eq!(
+            sig(&ev),
+            "KxwGjPSDEtvnFgU00fwFz+l6d2pJM6XBIaMEn81SXPTRl16AqLAYqfIReFGZlHi5KLjAWbOoMszkwsQma+lYAg"
+        );
+        let mut msg = obj(serde_json::json!({
+            "content": {"body": "Here is the message content"}, "event_id": "$0:domain",
+            "origin": "domain", "origin_server_ts": 1000000, "type": "m.room.message",
+            "room_id": "!r:domain", "sender": "@u:domain", "signatures": {},
+            "unsigned": {"age_ts": 1000000}
+        }));
+        ruma::signatures::hash_and_sign_event("domain", &key(), &mut msg, &rules.redaction).unwrap();
+        assert_eq!(
+            msg["hashes"].as_object().unwrap()["sha256"].as_str().unwrap(),
+            "onLKD1bGljeBWQhWZ1kaP9SorVmRQNdN5aM2JYU2n/g"
+        );
+        assert_eq!(
+            sig(&msg),
+            "Wm+VzmOUOz08Ds+0NTWb1d4CZrVsJSikkeRxh6aCcUwu6pNC78FunoD7KNWzqFn241eYHYMGCA5McEiVPdhzBA"
+        );
+    }
+}

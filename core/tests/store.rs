@@ -1,0 +1,226 @@
+//! Store tests, run against both backends: SQLite in a temporary directory and a throwaway
+//! PostgreSQL database (from `MYELIN_TEST_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), created per test and dropped after it.
+
+use std::{path::PathBuf, sync::Arc};
+
+use myelin_core::{
+    config::Config,
+    pdu::NewEvent,
+    ruma::{OwnedUserId, RoomVersionId},
+    sqlx_support::{create_test_database, drop_test_database},
+    Append, Server,
+};
+use serde_json::json;
+
+struct Backend {
+    url: String,
+    dir: PathBuf,
+    pg: Option<(String, String)>,
+}
+
+impl Backend {
+    async fn new(kind: &str) -> Backend {
+        let dir = std::env::temp_dir().join(format!(
+            "myelin-store-{}-{}",
+            std::process::id(),
+            myelin_core::server::random_string(8)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        if kind == "sqlite" {
+            let url = format!("sqlite://{}", dir.join("db.sqlite").display());
+            return Backend { url, dir, pg: None };
+        }
+        let admin = std::env::var("MYELIN_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("myelin_store_{}", myelin_core::server::random_string(12).to_lowercase());
+        let url = create_test_database(&admin, &name).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is needed for the store tests and {admin} is not usable ({e}). \
+                 Point MYELIN_TEST_DATABASE_URL at a server where this user may CREATE DATABASE."
+            )
+        });
+        Backend { url, dir, pg: Some((admin, name)) }
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            server_name: "test.local".to_owned(),
+            data_dir: self.dir.clone(),
+            database_url: Some(self.url.clone()),
+            ..Config::default()
+        }
+    }
+
+    async fn finish(self) {
+        if let Some((admin, name)) = &self.pg {
+            drop_test_database(admin, name).await.unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn uid(s: &str) -> OwnedUserId {
+    OwnedUserId::try_from(format!("@{s}:test.local")).unwrap()
+}
+
+fn msg(sender: &OwnedUserId, body: &str) -> Append {
+    Append {
+        sender: sender.clone(),
+        event: NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": body}))
+            .unwrap(),
+        txn: None,
+    }
+}
+
+async fn new_room(server: &Arc<Server>, alice: &OwnedUserId) -> Arc<myelin_core::RoomInfo> {
+    let rest = vec![
+        Append {
+            sender: alice.clone(),
+            event: NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "join"}))
+                .unwrap(),
+            txn: None,
+        },
+        Append {
+            sender: alice.clone(),
+            event: NewEvent::state("m.room.power_levels", "", json!({"users": {}})).unwrap(),
+            txn: None,
+        },
+        Append {
+            sender: alice.clone(),
+            event: NewEvent::state("m.room.join_rules", "", json!({"join_rule": "public"})).unwrap(),
+            txn: None,
+        },
+    ];
+    server.create_room(RoomVersionId::V12, alice, json!({"room_version": "12"}), rest).await.unwrap().0
+}
+
+async fn events_persist_and_survive_a_restart(kind: &str) {
+    let b = Backend::new(kind).await;
+    let alice = uid("alice");
+    let bob = uid("bob");
+    let (room_id, last_pos) = {
+        let server = Server::open(b.config()).await.unwrap();
+        let room = new_room(&server, &alice).await;
+        let join = Append {
+            sender: bob.clone(),
+            event: NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "join"})).unwrap(),
+            txn: None,
+        };
+        server.append(&room, vec![join]).await.unwrap();
+        for i in 0..20 {
+            server.append(&room, vec![msg(&alice, &format!("m{i}"))]).await.unwrap();
+        }
+        let members = server.members(room.nid).await.unwrap();
+        assert_eq!(members.get(bob.as_str()).map(String::as_str), Some("join"));
+        let pos = server.events_stream.current();
+        assert_eq!(pos, 25, "create + 3 initial state + join + 20 messages");
+        server.store.close().await;
+        (room.room_id.clone(), pos)
+    };
+    // A second start on the same data: migrations are a no-op, positions continue.
+    let server = Server::open(b.config()).await.unwrap();
+    assert_eq!(server.store.schema_version().await.unwrap(), 1);
+    assert_eq!(server.events_stream.current(), last_pos);
+    let room = server.room_or_404(&room_id).await.unwrap();
+    let stored = server.append(&room, vec![msg(&bob, "after restart")]).await.unwrap();
+    assert_eq!(stored[0].stream_ordering, Some(last_pos + 1));
+    // Its prev_event is the last event before the restart.
+    let rows = server.store.room_events_stream_desc(room.nid, 0, i64::MAX, 2).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(stored[0].pdu.prev_events[0].as_str(), rows[1].event_id);
+    server.store.close().await;
+    b.finish().await;
+}
+
+async fn state_snapshots_share_structure(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let alice = uid("alice");
+    let room = new_room(&server, &alice).await;
+    for i in 0..30 {
+        let topic = Append {
+            sender: alice.clone(),
+            event: NewEvent::state("m.room.topic", "", json!({"topic": format!("t{i}")})).unwrap(),
+            txn: None,
+        };
+        server.append(&room, vec![topic]).await.unwrap();
+    }
+    let edits: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM state_group_edits")
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+    // 34 state events; full copies would hold 4+5+…≈ 600 rows, deltas hold about one each.
+    assert!(edits < 60, "state groups should be deltas, found {edits} rows");
+    let state = server.current_state(&room).await.unwrap();
+    let topic = server.state_event(&state, "m.room.topic", "").await.unwrap().unwrap();
+    assert_eq!(topic.pdu.content_str("topic").as_deref(), Some("t29"));
+    // A snapshot resolved from the database alone equals the in-memory one.
+    server.store.close().await;
+    let server = Server::open(b.config()).await.unwrap();
+    let room = server.room_or_404(&room.room_id).await.unwrap();
+    let reloaded = server.current_state(&room).await.unwrap();
+    assert_eq!(*reloaded, *state);
+    server.store.close().await;
+    b.finish().await;
+}
+
+async fn refused_events_change_nothing(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let alice = uid("alice");
+    let mallory = uid("mallory");
+    let room = new_room(&server, &alice).await;
+    let before = server.events_stream.current();
+    // Not a member: the auth rules refuse, nothing is written.
+    let err = server.append(&room, vec![msg(&mallory, "hi")]).await.unwrap_err();
+    assert_eq!(err.kind().errcode(), "M_FORBIDDEN");
+    // A batch whose second event is refused writes neither.
+    let err = server
+        .append(&room, vec![msg(&alice, "ok"), msg(&mallory, "no")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind().errcode(), "M_FORBIDDEN");
+    assert_eq!(server.events_stream.current(), before);
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    server.store.close().await;
+    b.finish().await;
+}
+
+async fn redaction_rewrites_stored_content(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let alice = uid("alice");
+    let room = new_room(&server, &alice).await;
+    let target = server.append(&room, vec![msg(&alice, "secret")]).await.unwrap().remove(0);
+    let mut red = NewEvent::message("m.room.redaction", json!({})).unwrap();
+    red.redacts = Some(target.pdu.event_id.clone());
+    server.append(&room, vec![Append { sender: alice.clone(), event: red, txn: None }]).await.unwrap();
+    let row = server.store.event_by_id(target.pdu.event_id.as_str()).await.unwrap().unwrap();
+    assert!(!row.json.contains("secret"), "stored JSON still has the content: {}", row.json);
+    assert!(row.redacted_by.is_some());
+    server.store.close().await;
+    b.finish().await;
+}
+
+macro_rules! both_backends {
+    ($($name:ident),*) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name("sqlite").await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name("postgres").await })*
+        }
+    };
+}
+
+both_backends!(
+    events_persist_and_survive_a_restart,
+    state_snapshots_share_structure,
+    refused_events_change_nothing,
+    redaction_rewrites_stored_content
+);
