@@ -214,7 +214,7 @@ pub async fn refresh(
 
 pub async fn logout(State(server): State<Arc<Server>>, auth: Auth) -> ApiResult<Json<Value>> {
     server
-        .delete_devices(auth.user_id.as_str(), Some(&[auth.device_id.clone()]), None)
+        .delete_devices(auth.user_id.as_str(), Some(std::slice::from_ref(&auth.device_id)), None)
         .await?;
     Ok(Json(json!({})))
 }
@@ -291,5 +291,5 @@ pub async fn deactivate(
     crate::membership::leave_all_rooms(&server, &uid).await?;
     server.store.set_deactivated(uid.as_str()).await?;
     server.tokens.forget(uid.as_str(), None);
-    Ok(Json(json!({ "id_server_unbind_result": "no-support" })).into_response())
+    Ok(Json(json!({ "id_server_unbind_result": "success" })).into_response())
 }

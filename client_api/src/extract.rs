@@ -33,7 +33,7 @@ pub fn access_token(parts: &Parts) -> Option<String> {
     }
     parts.uri.query().and_then(|q| {
         q.split('&')
-            .find_map(|kv| kv.strip_prefix("access_token=").map(|t| percent_decode(t)))
+            .find_map(|kv| kv.strip_prefix("access_token=").map(percent_decode))
     })
 }
 

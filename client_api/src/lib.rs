@@ -142,6 +142,21 @@ fn versioned() -> Router<Arc<Server>> {
         .route("/user/{user_id}/filter", post(filter::create))
         .route("/user/{user_id}/filter/{filter_id}", get(filter::get))
         .route("/pushrules/", get(push::get_rules))
+        .route("/pushrules/global/", get(push::get_global))
+        .route(
+            "/pushrules/global/{kind}/{rule_id}",
+            get(push::get_rule)
+                .put(push::put_rule)
+                .delete(push::delete_rule),
+        )
+        .route(
+            "/pushrules/global/{kind}/{rule_id}/enabled",
+            get(push::get_enabled).put(push::put_enabled),
+        )
+        .route(
+            "/pushrules/global/{kind}/{rule_id}/actions",
+            get(push::get_actions).put(push::put_actions),
+        )
         .route("/pushrules", get(push::get_rules))
         // Sync
         .route("/sync", get(sync::sync))
@@ -197,7 +212,10 @@ async fn unrecognized() -> Response {
 /// axum answers a known path with the wrong method by an empty 405; the spec wants
 /// `M_UNRECOGNIZED` in a JSON body.
 async fn method_not_allowed(res: Response) -> Response {
-    if res.status() == StatusCode::METHOD_NOT_ALLOWED {
+    // Only axum's own (empty) 405s; a handler's 405 (e.g. `M_BAD_JSON`) passes through.
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED
+        && res.headers().get(header::CONTENT_TYPE).is_none()
+    {
         return err::<()>(ErrorKind::MethodNotAllowed, "Unsupported method").into_response();
     }
     res

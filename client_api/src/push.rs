@@ -64,7 +64,11 @@ pub fn push_rules_content(user_id: &UserId) -> Value {
 /// The user's current rule set.
 pub async fn load_ruleset(server: &Server, user_id: &UserId) -> ApiResult<Ruleset> {
     let defaults = Ruleset::server_default(user_id);
-    let Some(stored) = server.store.account_data(user_id.as_str(), "", "m.push_rules").await? else {
+    let Some(stored) = server
+        .store
+        .account_data(user_id.as_str(), "", "m.push_rules")
+        .await?
+    else {
         return Ok(defaults);
     };
     let parsed = serde_json::from_str::<Value>(&stored)
@@ -146,7 +150,9 @@ pub async fn get_rule(
 ) -> ApiResult<Json<Value>> {
     rule_kind(&kind)?;
     let rules = load_ruleset(&server, &auth.user_id).await?;
-    rule_json(&rules, &kind, &rule_id).map(Json).ok_or_else(not_found)
+    rule_json(&rules, &kind, &rule_id)
+        .map(Json)
+        .ok_or_else(not_found)
 }
 
 /// `DELETE /pushrules/global/{kind}/{ruleId}`: user-defined rules only.
@@ -156,12 +162,14 @@ pub async fn delete_rule(
     Path((kind, rule_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let k = rule_kind(&kind)?;
-    modify(&server, &auth.user_id, |rules| match rules.remove(k, &rule_id) {
-        Ok(()) => Ok(()),
-        Err(RemovePushRuleError::ServerDefault) => {
-            Err(Error::forbidden("Server-default rules cannot be deleted").into())
+    modify(&server, &auth.user_id, |rules| {
+        match rules.remove(k, &rule_id) {
+            Ok(()) => Ok(()),
+            Err(RemovePushRuleError::ServerDefault) => {
+                Err(Error::forbidden("Server-default rules cannot be deleted").into())
+            }
+            Err(_) => Err(not_found()),
         }
-        Err(_) => Err(not_found()),
     })
     .await?;
     Ok(Json(json!({})))
@@ -185,10 +193,16 @@ pub struct RuleBody {
 fn new_rule(kind: &str, rule_id: &str, body: RuleBody) -> ApiResult<NewPushRule> {
     let id = rule_id.to_owned();
     Ok(match kind {
-        "override" => NewPushRule::Override(NewConditionalPushRule::new(id, body.conditions, body.actions)),
-        "underride" => {
-            NewPushRule::Underride(NewConditionalPushRule::new(id, body.conditions, body.actions))
-        }
+        "override" => NewPushRule::Override(NewConditionalPushRule::new(
+            id,
+            body.conditions,
+            body.actions,
+        )),
+        "underride" => NewPushRule::Underride(NewConditionalPushRule::new(
+            id,
+            body.conditions,
+            body.actions,
+        )),
         "content" => {
             let pattern = body
                 .pattern
@@ -213,7 +227,11 @@ fn new_rule(kind: &str, rule_id: &str, body: RuleBody) -> ApiResult<NewPushRule>
 fn insert_error(e: InsertPushRuleError) -> Response {
     match e {
         InsertPushRuleError::ServerDefaultRuleId | InsertPushRuleError::InvalidRuleId => {
-            matrix_error(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", &format!("Invalid rule ID: {e}"))
+            matrix_error(
+                StatusCode::BAD_REQUEST,
+                "M_INVALID_PARAM",
+                &format!("Invalid rule ID: {e}"),
+            )
         }
         other => matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", &other.to_string()),
     }
@@ -264,7 +282,9 @@ pub async fn put_enabled(
 ) -> ApiResult<Json<Value>> {
     let k = rule_kind(&kind)?;
     modify(&server, &auth.user_id, |rules| {
-        rules.set_enabled(k, &rule_id, body.enabled).map_err(|_| not_found())
+        rules
+            .set_enabled(k, &rule_id, body.enabled)
+            .map_err(|_| not_found())
     })
     .await?;
     Ok(Json(json!({})))
@@ -296,7 +316,9 @@ pub async fn put_actions(
 ) -> ApiResult<Json<Value>> {
     let k = rule_kind(&kind)?;
     modify(&server, &auth.user_id, |rules| {
-        rules.set_actions(k, &rule_id, body.actions).map_err(|_| not_found())
+        rules
+            .set_actions(k, &rule_id, body.actions)
+            .map_err(|_| not_found())
     })
     .await?;
     Ok(Json(json!({})))
@@ -341,9 +363,21 @@ mod tests {
         assert_eq!(got["default"], false);
 
         assert!(new_rule("room", "not-a-room", body(json!({"actions": []}))).is_err());
-        assert!(new_rule("sender", "@bob:example.org", body(json!({"actions": ["notify"]}))).is_ok());
-        assert!(new_rule("content", "cake", body(json!({"actions": []}))).is_err(), "pattern needed");
-        let content = new_rule("content", "cake", body(json!({"actions": [], "pattern": "cake*"})));
+        assert!(new_rule(
+            "sender",
+            "@bob:example.org",
+            body(json!({"actions": ["notify"]}))
+        )
+        .is_ok());
+        assert!(
+            new_rule("content", "cake", body(json!({"actions": []}))).is_err(),
+            "pattern needed"
+        );
+        let content = new_rule(
+            "content",
+            "cake",
+            body(json!({"actions": [], "pattern": "cake*"})),
+        );
         assert!(content.is_ok());
 
         // Server-default IDs are refused on insertion.
@@ -352,12 +386,148 @@ mod tests {
         assert_eq!(insert_error(err).status(), StatusCode::BAD_REQUEST);
     }
 
+    /// The rule API end to end on a throwaway SQLite store (handlers called directly).
+    #[tokio::test]
+    async fn rule_api_changes_the_stored_set() {
+        let dir = std::env::temp_dir().join(format!(
+            "myelin-push-{}",
+            myelin_core::server::random_string(8)
+        ));
+        let config = myelin_core::config::Config {
+            server_name: "example.org".into(),
+            data_dir: dir.clone(),
+            ..Default::default()
+        };
+        let server = Server::open(config).await.unwrap();
+        let auth = || {
+            Auth(Arc::new(myelin_core::accounts::Session {
+                user_id: alice().to_owned(),
+                device_id: "DEV".into(),
+                is_admin: false,
+                expires_ts: None,
+            }))
+        };
+        let path = |kind: &str, id: &str| Path((kind.to_owned(), id.to_owned()));
+        let st = || State(server.clone());
+
+        let master = get_rule(st(), auth(), path("override", ".m.rule.master"))
+            .await
+            .unwrap();
+        assert_eq!(master.0["enabled"], false);
+        let _ = put_enabled(
+            st(),
+            auth(),
+            path("override", ".m.rule.master"),
+            JsonBody(EnabledBody { enabled: true }),
+        )
+        .await
+        .unwrap();
+        let enabled = get_enabled(st(), auth(), path("override", ".m.rule.master"))
+            .await
+            .unwrap();
+        assert_eq!(enabled.0, json!({"enabled": true}));
+
+        let room = "!room:example.org";
+        let place = || {
+            Query(PlacementQuery {
+                before: None,
+                after: None,
+            })
+        };
+        let res = put_rule(
+            st(),
+            auth(),
+            path("room", room),
+            place(),
+            JsonBody(body(json!({"actions": []}))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let all = get_rules(st(), auth()).await.unwrap().0;
+        assert!(all["global"]["room"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["rule_id"] == room));
+        assert_eq!(
+            all["global"]["override"][0]["enabled"], true,
+            "the toggle persisted"
+        );
+
+        let _ = put_actions(
+            st(),
+            auth(),
+            path("room", room),
+            JsonBody(ActionsBody {
+                actions: vec![Action::Notify],
+            }),
+        )
+        .await
+        .unwrap();
+        let actions = get_actions(st(), auth(), path("room", room))
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(actions, json!({"actions": ["notify"]}));
+
+        let bad = put_rule(
+            st(),
+            auth(),
+            path("override", ".m.rule.x"),
+            place(),
+            JsonBody(body(json!({"actions": []}))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        let unknown_after = put_rule(
+            st(),
+            auth(),
+            path("override", "mine"),
+            Query(PlacementQuery {
+                before: None,
+                after: Some("nope".into()),
+            }),
+            JsonBody(body(json!({"actions": []}))),
+        )
+        .await
+        .unwrap();
+        assert_eq!(unknown_after.status(), StatusCode::BAD_REQUEST);
+        assert!(
+            get_rule(st(), auth(), path("override", "mine"))
+                .await
+                .is_err(),
+            "nothing saved"
+        );
+
+        assert!(
+            delete_rule(st(), auth(), path("override", ".m.rule.master"))
+                .await
+                .is_err()
+        );
+        let _ = delete_rule(st(), auth(), path("room", room)).await.unwrap();
+        assert!(get_rule(st(), auth(), path("room", room)).await.is_err());
+        assert!(delete_rule(st(), auth(), path("room", room)).await.is_err());
+        assert!(get_rule(st(), auth(), path("nonsense", "x")).await.is_err());
+        let global = get_global(st(), auth()).await.unwrap().0;
+        assert!(global["room"].as_array().unwrap().is_empty());
+
+        server.store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn stored_sets_round_trip_through_json() {
         let mut rules = Ruleset::server_default(alice());
-        rules.set_enabled(RuleKind::Override, ".m.rule.master", true).unwrap();
+        rules
+            .set_enabled(RuleKind::Override, ".m.rule.master", true)
+            .unwrap();
         let v = ruleset_json(&rules);
         let back: Ruleset = serde_json::from_value(v).unwrap();
-        assert!(back.get(RuleKind::Override, ".m.rule.master").unwrap().enabled());
+        assert!(back
+            .get(RuleKind::Override, ".m.rule.master")
+            .unwrap()
+            .enabled());
     }
 }

@@ -120,6 +120,19 @@ pub async fn create_room(
         create.insert("creator".into(), json!(creator));
     }
     let v12 = rules.authorization.explicitly_privilege_room_creators;
+    if v12 && preset == "trusted_private_chat" {
+        // Room v12: trusted invitees become additional creators (spec v1.16).
+        let mut extra: Vec<Value> = create
+            .get("additional_creators")
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        for i in &invitees {
+            if !extra.contains(&json!(i)) && i != &creator {
+                extra.push(json!(i));
+            }
+        }
+        create.insert("additional_creators".into(), Value::Array(extra));
+    }
 
     let mut rest = Vec::new();
     let profile = server.store.user(creator.as_str()).await?;
@@ -139,7 +152,7 @@ pub async fn create_room(
     if !v12 {
         users.insert(creator.to_string(), json!(100));
     }
-    if preset == "trusted_private_chat" {
+    if preset == "trusted_private_chat" && !v12 {
         for i in &invitees {
             users.insert(i.to_string(), json!(100));
         }
@@ -149,11 +162,11 @@ pub async fn create_room(
         "users_default": 0,
         "events": {
             "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": if v12 { 150 } else { 100 },
             "m.room.server_acl": 100, "m.room.encryption": 100,
         },
         "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
-        "invite": if preset == "public_chat" { 0 } else { 0 },
+        "invite": 0,
         "notifications": { "room": 50 },
     });
     if let Some(o) = &body.power_level_content_override {

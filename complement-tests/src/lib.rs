@@ -39,6 +39,32 @@ pub use server::{Backend, TestServer};
 use futures::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+/// Bounded poll for effects the spec lets a server apply asynchronously
+/// (membership changes after a profile update or a deactivation): calls
+/// `attempt` every 100 ms until it yields `Some`, for at most `within`.
+/// Errors from `attempt` end the poll at once.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = attempt().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{what}: not true within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Runs one black-box test body against a fresh server on `backend`.
 ///

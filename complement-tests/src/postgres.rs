@@ -105,7 +105,7 @@ async fn connect(admin_url: &str) -> anyhow::Result<tokio_postgres::Client> {
         .and_then(|result| result.map_err(anyhow::Error::from))
         .map_err(|err| {
             anyhow!(
-                "cannot connect to Postgres at {admin_url}: {err}. The Postgres variant of every \
+                "cannot connect to Postgres at {admin_url}: {err:#}. The Postgres variant of every \
                  black-box test needs a server where this role may CREATE DATABASE: start one, or \
                  set MYELIN_TEST_DATABASE_URL to its admin URL, e.g. \
                  MYELIN_TEST_DATABASE_URL=postgres://postgres:secret@127.0.0.1:5432/postgres"

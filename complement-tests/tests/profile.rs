@@ -3,8 +3,9 @@
 //! propagation of profile changes into the `m.room.member` state of rooms
 //! the user is in.
 
-use complement_tests::{assert_error, backend_tests, enc, ok, TestServer};
+use complement_tests::{assert_error, backend_tests, enc, eventually, ok, TestServer};
 use serde_json::json;
+use std::time::Duration;
 
 backend_tests! {
     /// Set and read back a display name and avatar URL; nobody else may set
@@ -66,7 +67,14 @@ backend_tests! {
             .put(&format!("/profile/{me}/avatar_url"), &json!({"avatar_url": "mxc://example.org/hat"}))
             .await?);
 
-        let member = ok(bob.get_state(&room, "m.room.member", &alice.user_id).await?);
+        // The member event may be sent in the background; wait for it.
+        let member = eventually("the member event carries the new profile", Duration::from_secs(10), || async {
+            let member = ok(bob.get_state(&room, "m.room.member", &alice.user_id).await?);
+            let updated = member["displayname"] == "Alice in Wonderland"
+                && member["avatar_url"] == "mxc://example.org/hat";
+            Ok(updated.then_some(member))
+        })
+        .await?;
         assert_eq!(member["membership"], "join");
         assert_eq!(member["displayname"], "Alice in Wonderland", "member event updated: {member}");
         assert_eq!(member["avatar_url"], "mxc://example.org/hat");

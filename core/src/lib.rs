@@ -18,7 +18,7 @@ pub mod streams;
 
 pub use server::{Append, RoomInfo, Server, StoredEvent};
 pub mod filter;
+pub mod sqlx_support;
 pub mod sync;
 pub mod token;
 pub mod visibility;
-pub mod sqlx_support;

@@ -451,7 +451,9 @@ mod spec_vectors {
                 .with_decode_allow_trailing_bits(true)
                 .with_decode_padding_mode(DecodePaddingMode::Indifferent),
         );
-        let seed = lenient.decode("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1").unwrap();
+        let seed = lenient
+            .decode("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1")
+            .unwrap();
         // PKCS#8 v1 wrapping of an ed25519 seed.
         let mut der = hex_prefix();
         der.extend_from_slice(&seed);
@@ -459,7 +461,10 @@ mod spec_vectors {
     }
 
     fn hex_prefix() -> Vec<u8> {
-        vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20]
+        vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ]
     }
 
     fn obj(v: serde_json::Value) -> CanonicalJsonObject {
@@ -467,7 +472,9 @@ mod spec_vectors {
     }
 
     fn sig(o: &CanonicalJsonObject) -> String {
-        o["signatures"].as_object().unwrap()["domain"].as_object().unwrap()["ed25519:1"]
+        o["signatures"].as_object().unwrap()["domain"]
+            .as_object()
+            .unwrap()["ed25519:1"]
             .as_str()
             .unwrap()
             .to_owned()
@@ -492,7 +499,10 @@ mod spec_vectors {
     #[test]
     fn canonical_json_ordering_and_escaping() {
         let v = obj(serde_json::json!({"b": "2", "a": {"d": 1, "c": "é\u{1}"}}));
-        assert_eq!(serde_json::to_string(&v).unwrap(), "{\"a\":{\"c\":\"é\\u0001\",\"d\":1},\"b\":\"2\"}");
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            "{\"a\":{\"c\":\"é\\u0001\",\"d\":1},\"b\":\"2\"}"
+        );
     }
 
     #[test]
@@ -506,7 +516,9 @@ mod spec_vectors {
         }));
         ruma::signatures::hash_and_sign_event("domain", &key(), &mut ev, &rules.redaction).unwrap();
         assert_eq!(
-            ev["hashes"].as_object().unwrap()["sha256"].as_str().unwrap(),
+            ev["hashes"].as_object().unwrap()["sha256"]
+                .as_str()
+                .unwrap(),
             "5jM4wQpv6lnBo7CLIghJuHdW+s2CMBJPUOGOC89ncos"
         );
         assert_eq!(
@@ -519,9 +531,12 @@ mod spec_vectors {
             "room_id": "!r:domain", "sender": "@u:domain", "signatures": {},
             "unsigned": {"age_ts": 1000000}
         }));
-        ruma::signatures::hash_and_sign_event("domain", &key(), &mut msg, &rules.redaction).unwrap();
+        ruma::signatures::hash_and_sign_event("domain", &key(), &mut msg, &rules.redaction)
+            .unwrap();
         assert_eq!(
-            msg["hashes"].as_object().unwrap()["sha256"].as_str().unwrap(),
+            msg["hashes"].as_object().unwrap()["sha256"]
+                .as_str()
+                .unwrap(),
             "onLKD1bGljeBWQhWZ1kaP9SorVmRQNdN5aM2JYU2n/g"
         );
         assert_eq!(

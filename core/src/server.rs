@@ -801,7 +801,7 @@ impl Server {
                             json: pdu.json.get(),
                             prev_events: &prev,
                             state_before: a.state_before,
-                            state: state,
+                            state,
                             membership: match (&pdu.state_key, &membership) {
                                 (Some(sk), Some(m)) => Some((sk.as_str(), m.as_str())),
                                 _ => None,

@@ -6,11 +6,15 @@ use sqlx::{AnyConnection, Connection, Executor};
 /// Creates database `name` on the server of `admin_url`; returns the new database's URL.
 pub async fn create_test_database(admin_url: &str, name: &str) -> Result<String, sqlx::Error> {
     sqlx::any::install_default_drivers();
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         return Err(sqlx::Error::Protocol(format!("bad database name {name}")));
     }
     let mut conn = AnyConnection::connect(admin_url).await?;
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
     conn.close().await?;
     // Replace the admin URL's database path by the new name.
     let scheme_end = admin_url.find("://").map(|i| i + 3).unwrap_or(0);
@@ -24,7 +28,10 @@ pub async fn create_test_database(admin_url: &str, name: &str) -> Result<String,
 /// Drops database `name` (closing other sessions on it).
 pub async fn drop_test_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     let mut conn = AnyConnection::connect(admin_url).await?;
-    conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .await?;
     conn.close().await?;
     Ok(())
 }

@@ -91,6 +91,7 @@ impl Server {
         let mut join = Map::new();
         let mut invite = Map::new();
         let mut leave = Map::new();
+        let mut knock = Map::new();
 
         // Account data changed in the window.
         let ad = if initial || since.account_data < now.account_data {
@@ -161,24 +162,19 @@ impl Server {
                     );
                     join.insert(rid, Value::Object(body));
                 }
-                "invite" | "knock" => {
+                "invite" => {
                     if !initial && m.stream_ordering <= since.events {
                         continue;
                     }
-                    let key = if m.membership == "invite" {
-                        "invite_state"
-                    } else {
-                        "knock_state"
-                    };
                     let stripped = self.stripped_state(&room, m.event_nid).await?;
-                    let target = if m.membership == "invite" {
-                        &mut invite
-                    } else {
-                        &mut leave
-                    };
-                    if m.membership == "invite" {
-                        target.insert(rid, json!({ key: { "events": stripped } }));
+                    invite.insert(rid, json!({ "invite_state": { "events": stripped } }));
+                }
+                "knock" => {
+                    if !initial && m.stream_ordering <= since.events {
+                        continue;
                     }
+                    let stripped = self.stripped_state(&room, m.event_nid).await?;
+                    knock.insert(rid, json!({ "knock_state": { "events": stripped } }));
                 }
                 _ => {
                     // leave or ban: reported once, after it happened (or on an initial sync
@@ -206,7 +202,7 @@ impl Server {
         rooms.insert("join".into(), Value::Object(join));
         rooms.insert("invite".into(), Value::Object(invite));
         rooms.insert("leave".into(), Value::Object(leave));
-        rooms.insert("knock".into(), json!({}));
+        rooms.insert("knock".into(), Value::Object(knock));
         let body = json!({
             "next_batch": now.encode(),
             "rooms": rooms,
@@ -235,19 +231,37 @@ impl Server {
             .map(|l| l as i64)
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .clamp(1, MAX_TIMELINE_LIMIT);
-        // Newest first; one extra row tells whether the window overflowed.
-        let rows = self
-            .store
-            .room_events_stream_desc(room.nid, from, to, limit + 1)
-            .await?;
-        let limited = rows.len() as i64 > limit;
-        let mut events = self.events_from_rows(rows).await?;
-        events.truncate(limit as usize);
-        events.reverse();
+        // Walk the window newest first until `limit` visible events pass the filter; one more
+        // match means the timeline is limited.
         let current = Some(membership.membership.as_str());
-        let visible = self.filter_visible(&req.user_id, current, events).await?;
-        let timeline: Vec<Arc<StoredEvent>> =
-            visible.into_iter().filter(|e| tf.allows(&e.pdu)).collect();
+        let batch = (limit + 1) * 2;
+        let mut upper = to;
+        let mut limited = false;
+        let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
+        'pages: loop {
+            let rows = self
+                .store
+                .room_events_stream_desc(room.nid, from, upper, batch)
+                .await?;
+            let n = rows.len() as i64;
+            let Some(last) = rows.last() else { break };
+            upper = last.stream_ordering.unwrap_or(from) - 1;
+            let events = self.events_from_rows(rows).await?;
+            for ev in self.filter_visible(&req.user_id, current, events).await? {
+                if !tf.allows(&ev.pdu) {
+                    continue;
+                }
+                if timeline.len() as i64 == limit {
+                    limited = true;
+                    break 'pages;
+                }
+                timeline.push(ev);
+            }
+            if n < batch || upper <= from {
+                break;
+            }
+        }
+        timeline.reverse();
 
         // State at the window's start (since) and at the timeline's start and end.
         let since_group = if full || from == 0 {

@@ -33,14 +33,23 @@ impl Backend {
         }
         let admin = std::env::var("MYELIN_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("myelin_store_{}", myelin_core::server::random_string(12).to_lowercase());
-        let url = create_test_database(&admin, &name).await.unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is needed for the store tests and {admin} is not usable ({e}). \
+        let name = format!(
+            "myelin_store_{}",
+            myelin_core::server::random_string(12).to_lowercase()
+        );
+        let url = create_test_database(&admin, &name)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is needed for the store tests and {admin} is not usable ({e}). \
                  Point MYELIN_TEST_DATABASE_URL at a server where this user may CREATE DATABASE."
-            )
-        });
-        Backend { url, dir, pg: Some((admin, name)) }
+                )
+            });
+        Backend {
+            url,
+            dir,
+            pg: Some((admin, name)),
+        }
     }
 
     fn config(&self) -> Config {
@@ -77,8 +86,12 @@ async fn new_room(server: &Arc<Server>, alice: &OwnedUserId) -> Arc<myelin_core:
     let rest = vec![
         Append {
             sender: alice.clone(),
-            event: NewEvent::state("m.room.member", alice.as_str(), json!({"membership": "join"}))
-                .unwrap(),
+            event: NewEvent::state(
+                "m.room.member",
+                alice.as_str(),
+                json!({"membership": "join"}),
+            )
+            .unwrap(),
             txn: None,
         },
         Append {
@@ -88,11 +101,21 @@ async fn new_room(server: &Arc<Server>, alice: &OwnedUserId) -> Arc<myelin_core:
         },
         Append {
             sender: alice.clone(),
-            event: NewEvent::state("m.room.join_rules", "", json!({"join_rule": "public"})).unwrap(),
+            event: NewEvent::state("m.room.join_rules", "", json!({"join_rule": "public"}))
+                .unwrap(),
             txn: None,
         },
     ];
-    server.create_room(RoomVersionId::V12, alice, json!({"room_version": "12"}), rest).await.unwrap().0
+    server
+        .create_room(
+            RoomVersionId::V12,
+            alice,
+            json!({"room_version": "12"}),
+            rest,
+        )
+        .await
+        .unwrap()
+        .0
 }
 
 async fn events_persist_and_survive_a_restart(kind: &str) {
@@ -104,12 +127,16 @@ async fn events_persist_and_survive_a_restart(kind: &str) {
         let room = new_room(&server, &alice).await;
         let join = Append {
             sender: bob.clone(),
-            event: NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "join"})).unwrap(),
+            event: NewEvent::state("m.room.member", bob.as_str(), json!({"membership": "join"}))
+                .unwrap(),
             txn: None,
         };
         server.append(&room, vec![join]).await.unwrap();
         for i in 0..20 {
-            server.append(&room, vec![msg(&alice, &format!("m{i}"))]).await.unwrap();
+            server
+                .append(&room, vec![msg(&alice, &format!("m{i}"))])
+                .await
+                .unwrap();
         }
         let members = server.members(room.nid).await.unwrap();
         assert_eq!(members.get(bob.as_str()).map(String::as_str), Some("join"));
@@ -123,10 +150,17 @@ async fn events_persist_and_survive_a_restart(kind: &str) {
     assert_eq!(server.store.schema_version().await.unwrap(), 1);
     assert_eq!(server.events_stream.current(), last_pos);
     let room = server.room_or_404(&room_id).await.unwrap();
-    let stored = server.append(&room, vec![msg(&bob, "after restart")]).await.unwrap();
+    let stored = server
+        .append(&room, vec![msg(&bob, "after restart")])
+        .await
+        .unwrap();
     assert_eq!(stored[0].stream_ordering, Some(last_pos + 1));
     // Its prev_event is the last event before the restart.
-    let rows = server.store.room_events_stream_desc(room.nid, 0, i64::MAX, 2).await.unwrap();
+    let rows = server
+        .store
+        .room_events_stream_desc(room.nid, 0, i64::MAX, 2)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(stored[0].pdu.prev_events[0].as_str(), rows[1].event_id);
     server.store.close().await;
@@ -151,9 +185,16 @@ async fn state_snapshots_share_structure(kind: &str) {
         .await
         .unwrap();
     // 34 state events; full copies would hold 4+5+…≈ 600 rows, deltas hold about one each.
-    assert!(edits < 60, "state groups should be deltas, found {edits} rows");
+    assert!(
+        edits < 60,
+        "state groups should be deltas, found {edits} rows"
+    );
     let state = server.current_state(&room).await.unwrap();
-    let topic = server.state_event(&state, "m.room.topic", "").await.unwrap().unwrap();
+    let topic = server
+        .state_event(&state, "m.room.topic", "")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(topic.pdu.content_str("topic").as_deref(), Some("t29"));
     // A snapshot resolved from the database alone equals the in-memory one.
     server.store.close().await;
@@ -173,7 +214,10 @@ async fn refused_events_change_nothing(kind: &str) {
     let room = new_room(&server, &alice).await;
     let before = server.events_stream.current();
     // Not a member: the auth rules refuse, nothing is written.
-    let err = server.append(&room, vec![msg(&mallory, "hi")]).await.unwrap_err();
+    let err = server
+        .append(&room, vec![msg(&mallory, "hi")])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind().errcode(), "M_FORBIDDEN");
     // A batch whose second event is refused writes neither.
     let err = server
@@ -196,12 +240,35 @@ async fn redaction_rewrites_stored_content(kind: &str) {
     let server = Server::open(b.config()).await.unwrap();
     let alice = uid("alice");
     let room = new_room(&server, &alice).await;
-    let target = server.append(&room, vec![msg(&alice, "secret")]).await.unwrap().remove(0);
+    let target = server
+        .append(&room, vec![msg(&alice, "secret")])
+        .await
+        .unwrap()
+        .remove(0);
     let mut red = NewEvent::message("m.room.redaction", json!({})).unwrap();
     red.redacts = Some(target.pdu.event_id.clone());
-    server.append(&room, vec![Append { sender: alice.clone(), event: red, txn: None }]).await.unwrap();
-    let row = server.store.event_by_id(target.pdu.event_id.as_str()).await.unwrap().unwrap();
-    assert!(!row.json.contains("secret"), "stored JSON still has the content: {}", row.json);
+    server
+        .append(
+            &room,
+            vec![Append {
+                sender: alice.clone(),
+                event: red,
+                txn: None,
+            }],
+        )
+        .await
+        .unwrap();
+    let row = server
+        .store
+        .event_by_id(target.pdu.event_id.as_str())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !row.json.contains("secret"),
+        "stored JSON still has the content: {}",
+        row.json
+    );
     assert!(row.redacted_by.is_some());
     server.store.close().await;
     b.finish().await;
