@@ -214,7 +214,11 @@ pub async fn refresh(
 
 pub async fn logout(State(server): State<Arc<Server>>, auth: Auth) -> ApiResult<Json<Value>> {
     server
-        .delete_devices(auth.user_id.as_str(), Some(std::slice::from_ref(&auth.device_id)), None)
+        .delete_devices(
+            auth.user_id.as_str(),
+            Some(std::slice::from_ref(&auth.device_id)),
+            None,
+        )
         .await?;
     Ok(Json(json!({})))
 }
