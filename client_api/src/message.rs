@@ -29,44 +29,32 @@ async fn room_for(server: &Server, room_id: &str) -> ApiResult<Arc<RoomInfo>> {
     Ok(server.room_or_404(&id).await?)
 }
 
-/// Sends one event with txn-ID idempotency; returns its event ID.
+/// Sends one event with txn-ID idempotency; returns its event ID. `txn` is
+/// `(scope, txn_id)`: a transaction ID is unique per device and request path.
 async fn send_event(
     server: &Server,
     auth: &Auth,
     room: &Arc<RoomInfo>,
     event: NewEvent,
-    txn_id: Option<&str>,
+    txn: Option<(&str, &str)>,
 ) -> ApiResult<String> {
-    if let Some(t) = txn_id {
-        if let Some(id) = server
-            .store
-            .event_for_txn(auth.user_id.as_str(), &auth.device_id, t)
-            .await?
-        {
+    let (user, device) = (auth.user_id.as_str(), auth.device_id.as_str());
+    if let Some((scope, t)) = txn {
+        if let Some(id) = server.store.event_for_txn(user, device, scope, t).await? {
             return Ok(id);
         }
     }
-    let txn = txn_id.map(|t| (auth.device_id.clone(), t.to_owned()));
-    match server
-        .append(
-            room,
-            vec![Append {
-                sender: auth.user_id.clone(),
-                event,
-                txn,
-            }],
-        )
-        .await
-    {
+    let append = Append {
+        sender: auth.user_id.clone(),
+        event,
+        txn: txn.map(|(s, t)| (auth.device_id.clone(), s.to_owned(), t.to_owned())),
+    };
+    match server.append(room, vec![append]).await {
         Ok(stored) => Ok(stored[0].pdu.event_id.to_string()),
         Err(e) => {
             // A concurrent retry of the same transaction may have won the race.
-            if let Some(t) = txn_id {
-                if let Some(id) = server
-                    .store
-                    .event_for_txn(auth.user_id.as_str(), &auth.device_id, t)
-                    .await?
-                {
+            if let Some((scope, t)) = txn {
+                if let Some(id) = server.store.event_for_txn(user, device, scope, t).await? {
                     return Ok(id);
                 }
             }
@@ -105,7 +93,8 @@ pub async fn send(
             .and_then(|v| v.as_str())
             .and_then(|s| OwnedEventId::try_from(s).ok());
     }
-    let id = send_event(&server, &auth, &room, event, Some(&txn_id)).await?;
+    let scope = format!("send/{}/{event_type}", room.room_id);
+    let id = send_event(&server, &auth, &room, event, Some((&scope, &txn_id))).await?;
     Ok(Json(json!({ "event_id": id })))
 }
 
@@ -554,6 +543,7 @@ pub async fn redact(
     }
     let mut event = NewEvent::message("m.room.redaction", content)?;
     event.redacts = Some(target);
-    let id = send_event(&server, &auth, &room, event, Some(&txn_id)).await?;
+    let scope = format!("redact/{}/{event_id}", room.room_id);
+    let id = send_event(&server, &auth, &room, event, Some((&scope, &txn_id))).await?;
     Ok(Json(json!({ "event_id": id })))
 }

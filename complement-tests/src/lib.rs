@@ -9,16 +9,21 @@
 //!   (and dropping its database) on drop.
 //! - [`postgres`]: creating and dropping a throwaway Postgres database.
 //! - [`client`]: a small typed client-server API client ([`Client`]) plus
-//!   assertion helpers for Matrix error bodies. The bench binary reuses it.
-//! - [`backend_tests!`]: turns one `async fn` into a `#[tokio::test]` per
-//!   storage backend.
+//!   assertion helpers for Matrix error bodies; public so that other tools
+//!   (such as the bench binary) can reuse it.
+//! - [`backend_tests!`]: turns each listed `async fn` into a `#[tokio::test]`
+//!   per storage backend; [`run_backend_test`] is what those tests call.
+//! - [`eventually`]: a bounded poll for effects a server may apply in the
+//!   background.
 //!
 //! # How the server is started
 //!
 //! - Binary: `$MYELIN_BIN` if set; otherwise `cargo build -p myelin --bin
 //!   myelin` is run once per test process (with `$CARGO`, else `cargo`, in
-//!   the workspace directory, honouring `CARGO_TARGET_DIR`) and the built
-//!   executable is used.
+//!   the workspace directory, honouring `CARGO_TARGET_DIR`) and the
+//!   executable cargo reports is used. Running cargo from inside `cargo
+//!   test` is fine: cargo releases its build-directory lock before it runs
+//!   the test binaries.
 //! - Environment: `MYELIN_SERVER_NAME=localhost:<port>`,
 //!   `MYELIN_CLIENT_LISTEN=127.0.0.1:<port>`, `MYELIN_DATA_DIR=<tempdir>`,
 //!   `MYELIN_REGISTRATION=open`, `MYELIN_DATABASE_URL=<url>`,
@@ -98,30 +103,29 @@ where
 
 /// Declares black-box tests that run once per storage backend.
 ///
+/// Write each test as a plain `async fn name(server: TestServer) ->
+/// anyhow::Result<()>` (so rustfmt and the compiler see it as ordinary
+/// code), then list the functions:
+///
 /// ```ignore
-/// backend_tests! {
-///     async fn whoami_works(server: TestServer) -> anyhow::Result<()> {
-///         let alice = server.register("alice", "pw").await?;
-///         // ...
-///         Ok(())
-///     }
+/// async fn whoami_works(server: TestServer) -> anyhow::Result<()> {
+///     let alice = server.register("alice", "pw").await?;
+///     // ...
+///     Ok(())
 /// }
+///
+/// backend_tests!(whoami_works);
 /// ```
 ///
-/// For each function `name` this generates the function itself plus a module
-/// `name` holding two `#[tokio::test]`s, `name::sqlite` and
-/// `name::postgres`. `cargo test name` runs both; `cargo test sqlite` runs
-/// every SQLite variant. The test crate must depend on `tokio` (this crate
-/// does) and on `anyhow`.
+/// For each function `name` this generates a module `name` holding two
+/// `#[tokio::test]`s, `name::sqlite` and `name::postgres`, each starting a
+/// fresh server on that backend. `cargo test name` runs both; `cargo test
+/// sqlite` runs every SQLite variant. A test function left out of the list
+/// is dead code, which `clippy -D warnings` reports. The test crate must
+/// depend on `tokio` (this crate does).
 #[macro_export]
 macro_rules! backend_tests {
-    ($(
-        $(#[$meta:meta])*
-        async fn $name:ident($server:ident : $ty:ty) -> $ret:ty $body:block
-    )*) => {$(
-        $(#[$meta])*
-        async fn $name($server: $ty) -> $ret $body
-
+    ($($name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
@@ -133,5 +137,5 @@ macro_rules! backend_tests {
                 $crate::run_backend_test($crate::Backend::Postgres, super::$name).await;
             }
         }
-    )*};
+    )+};
 }

@@ -54,176 +54,247 @@ fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
     list
 }
 
-backend_tests! {
-    /// Join by ID and by alias, invite and reject, kick, ban, unban, with
-    /// `joined_rooms`, `/members` filters and `/joined_members` tracking it.
-    async fn join_invite_kick_ban(server: TestServer) -> anyhow::Result<()> {
-        let alice = server.register("alice", "alice-password").await?;
-        let bob = server.register("bob", "bob-password").await?;
-        let carol = server.register("carol", "carol-password").await?;
-        let dave = server.register("dave", "dave-password").await?;
-        let room = alice
-            .create_room(&json!({"preset": "public_chat", "room_alias_name": "club"}))
-            .await?;
+/// Join by ID and by alias, invite and reject, kick, ban, unban, with
+/// `joined_rooms`, `/members` filters and `/joined_members` tracking it.
+async fn join_invite_kick_ban(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let carol = server.register("carol", "carol-password").await?;
+    let dave = server.register("dave", "dave-password").await?;
+    let room = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "club"}))
+        .await?;
 
-        // Join by room ID (both endpoints) and by alias.
-        let joined = ok(bob.post(&format!("/rooms/{}/join", enc(&room)), &json!({})).await?);
-        assert_eq!(joined["room_id"], room);
-        assert_eq!(carol.join(&server.alias("club")).await?, room);
-        assert!(joined_rooms(&bob).await?.contains(&room));
-        assert!(joined_rooms(&carol).await?.contains(&room));
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
+    // Join by room ID (both endpoints) and by alias.
+    let joined = ok(bob
+        .post(&format!("/rooms/{}/join", enc(&room)), &json!({}))
+        .await?);
+    assert_eq!(joined["room_id"], room);
+    assert_eq!(carol.join(&server.alias("club")).await?, room);
+    assert!(joined_rooms(&bob).await?.contains(&room));
+    assert!(joined_rooms(&carol).await?.contains(&room));
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
 
-        // Invite, then the invitee rejects by leaving.
-        alice.invite(&room, &dave.user_id).await?;
-        assert_eq!(membership_of(&alice, &room, &dave.user_id).await?, "invite");
-        let invited = ok(alice.get(&format!("/rooms/{}/members?membership=invite", enc(&room))).await?);
-        assert_eq!(members(&invited), pairs(&[(&dave.user_id, "invite")]));
-        let not_joined = ok(alice.get(&format!("/rooms/{}/members?not_membership=join", enc(&room))).await?);
-        assert_eq!(members(&not_joined), pairs(&[(&dave.user_id, "invite")]));
-        dave.leave(&room).await?;
-        assert_eq!(membership_of(&alice, &room, &dave.user_id).await?, "leave");
-        assert!(!joined_rooms(&dave).await?.contains(&room));
+    // Invite, then the invitee rejects by leaving.
+    alice.invite(&room, &dave.user_id).await?;
+    assert_eq!(membership_of(&alice, &room, &dave.user_id).await?, "invite");
+    let invited = ok(alice
+        .get(&format!("/rooms/{}/members?membership=invite", enc(&room)))
+        .await?);
+    assert_eq!(members(&invited), pairs(&[(&dave.user_id, "invite")]));
+    let not_joined = ok(alice
+        .get(&format!(
+            "/rooms/{}/members?not_membership=join",
+            enc(&room)
+        ))
+        .await?);
+    assert_eq!(members(&not_joined), pairs(&[(&dave.user_id, "invite")]));
+    dave.leave(&room).await?;
+    assert_eq!(membership_of(&alice, &room, &dave.user_id).await?, "leave");
+    assert!(!joined_rooms(&dave).await?.contains(&room));
 
-        let everyone = ok(alice.get(&format!("/rooms/{}/members", enc(&room))).await?);
-        assert_eq!(
-            members(&everyone),
-            pairs(&[
-                (&alice.user_id, "join"),
-                (&bob.user_id, "join"),
-                (&carol.user_id, "join"),
-                (&dave.user_id, "leave"),
-            ])
-        );
-        let joined_only = ok(alice.get(&format!("/rooms/{}/members?membership=join", enc(&room))).await?);
-        assert_eq!(members(&joined_only).len(), 3);
-        let not_left = ok(alice.get(&format!("/rooms/{}/members?not_membership=leave", enc(&room))).await?);
-        assert_eq!(members(&not_left), members(&joined_only));
+    let everyone = ok(alice.get(&format!("/rooms/{}/members", enc(&room))).await?);
+    assert_eq!(
+        members(&everyone),
+        pairs(&[
+            (&alice.user_id, "join"),
+            (&bob.user_id, "join"),
+            (&carol.user_id, "join"),
+            (&dave.user_id, "leave"),
+        ])
+    );
+    let joined_only = ok(alice
+        .get(&format!("/rooms/{}/members?membership=join", enc(&room)))
+        .await?);
+    assert_eq!(members(&joined_only).len(), 3);
+    let not_left = ok(alice
+        .get(&format!(
+            "/rooms/{}/members?not_membership=leave",
+            enc(&room)
+        ))
+        .await?);
+    assert_eq!(members(&not_left), members(&joined_only));
 
-        let jm = ok(bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await?);
-        let mut ids: Vec<&String> = jm["joined"].as_object().expect("joined map").keys().collect();
-        ids.sort();
-        let mut expected = vec![&alice.user_id, &bob.user_id, &carol.user_id];
-        expected.sort();
-        assert_eq!(ids, expected);
+    let jm = ok(bob
+        .get(&format!("/rooms/{}/joined_members", enc(&room)))
+        .await?);
+    let mut ids: Vec<&String> = jm["joined"]
+        .as_object()
+        .expect("joined map")
+        .keys()
+        .collect();
+    ids.sort();
+    let mut expected = vec![&alice.user_id, &bob.user_id, &carol.user_id];
+    expected.sort();
+    assert_eq!(ids, expected);
 
-        // A power-0 member cannot kick or ban.
-        let denied = bob
-            .post(&format!("/rooms/{}/kick", enc(&room)), &json!({"user_id": carol.user_id}))
-            .await?;
-        assert_error(&denied, 403, "M_FORBIDDEN");
-        let denied = bob
-            .post(&format!("/rooms/{}/ban", enc(&room)), &json!({"user_id": carol.user_id}))
-            .await?;
-        assert_error(&denied, 403, "M_FORBIDDEN");
-        assert_eq!(membership_of(&alice, &room, &carol.user_id).await?, "join");
+    // A power-0 member cannot kick or ban.
+    let denied = bob
+        .post(
+            &format!("/rooms/{}/kick", enc(&room)),
+            &json!({"user_id": carol.user_id}),
+        )
+        .await?;
+    assert_error(&denied, 403, "M_FORBIDDEN");
+    let denied = bob
+        .post(
+            &format!("/rooms/{}/ban", enc(&room)),
+            &json!({"user_id": carol.user_id}),
+        )
+        .await?;
+    assert_error(&denied, 403, "M_FORBIDDEN");
+    assert_eq!(membership_of(&alice, &room, &carol.user_id).await?, "join");
 
-        // Kick: leave with a reason; the kicked user may rejoin a public room.
-        ok(alice
-            .post(&format!("/rooms/{}/kick", enc(&room)), &json!({"user_id": carol.user_id, "reason": "too loud"}))
-            .await?);
-        let kicked = ok(alice.get_state(&room, "m.room.member", &carol.user_id).await?);
-        assert_eq!(kicked["membership"], "leave");
-        assert_eq!(kicked["reason"], "too loud");
-        assert!(!joined_rooms(&carol).await?.contains(&room));
-        carol.join(&room).await?;
+    // Kick: leave with a reason; the kicked user may rejoin a public room.
+    ok(alice
+        .post(
+            &format!("/rooms/{}/kick", enc(&room)),
+            &json!({"user_id": carol.user_id, "reason": "too loud"}),
+        )
+        .await?);
+    let kicked = ok(alice
+        .get_state(&room, "m.room.member", &carol.user_id)
+        .await?);
+    assert_eq!(kicked["membership"], "leave");
+    assert_eq!(kicked["reason"], "too loud");
+    assert!(!joined_rooms(&carol).await?.contains(&room));
+    carol.join(&room).await?;
 
-        // Ban: the banned user cannot join until unbanned.
-        ok(alice
-            .post(&format!("/rooms/{}/ban", enc(&room)), &json!({"user_id": bob.user_id, "reason": "spam"}))
-            .await?);
-        let banned = ok(alice.get_state(&room, "m.room.member", &bob.user_id).await?);
-        assert_eq!(banned["membership"], "ban");
-        assert_eq!(banned["reason"], "spam");
-        // The spec fixes the status (403) but not the errcode for this case;
-        // M_FORBIDDEN is the common-error choice, M_BAD_STATE is also seen.
-        let rejoin = bob.post(&format!("/join/{}", enc(&room)), &json!({})).await?;
-        assert_eq!(rejoin.status, 403, "a banned user cannot join: {:?}", rejoin);
-        assert!(
-            ["M_FORBIDDEN", "M_BAD_STATE"].contains(&rejoin.errcode()),
-            "unexpected errcode: {:?}",
-            rejoin
-        );
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "ban");
+    // Ban: the banned user cannot join until unbanned.
+    ok(alice
+        .post(
+            &format!("/rooms/{}/ban", enc(&room)),
+            &json!({"user_id": bob.user_id, "reason": "spam"}),
+        )
+        .await?);
+    let banned = ok(alice
+        .get_state(&room, "m.room.member", &bob.user_id)
+        .await?);
+    assert_eq!(banned["membership"], "ban");
+    assert_eq!(banned["reason"], "spam");
+    // The spec fixes the status (403) but not the errcode for this case;
+    // M_FORBIDDEN is the common-error choice, M_BAD_STATE is also seen.
+    let rejoin = bob
+        .post(&format!("/join/{}", enc(&room)), &json!({}))
+        .await?;
+    assert_eq!(
+        rejoin.status, 403,
+        "a banned user cannot join: {:?}",
+        rejoin
+    );
+    assert!(
+        ["M_FORBIDDEN", "M_BAD_STATE"].contains(&rejoin.errcode()),
+        "unexpected errcode: {:?}",
+        rejoin
+    );
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "ban");
 
-        ok(alice
-            .post(&format!("/rooms/{}/unban", enc(&room)), &json!({"user_id": bob.user_id}))
-            .await?);
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "leave");
-        bob.join(&room).await?;
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
-        Ok(())
-    }
-
-    /// Invite-only rooms refuse uninvited joiners with 403 `M_FORBIDDEN`;
-    /// non-members cannot invite; invited users can join.
-    async fn invite_only_room(server: TestServer) -> anyhow::Result<()> {
-        let alice = server.register("alice", "alice-password").await?;
-        let bob = server.register("bob", "bob-password").await?;
-        let eve = server.register("eve", "eve-password").await?;
-        let room = alice.create_room(&json!({"preset": "private_chat"})).await?;
-
-        let uninvited = eve.post(&format!("/join/{}", enc(&room)), &json!({})).await?;
-        assert_error(&uninvited, 403, "M_FORBIDDEN");
-        assert!(!joined_rooms(&eve).await?.contains(&room));
-
-        // A non-member cannot invite.
-        let by_outsider = eve
-            .post(&format!("/rooms/{}/invite", enc(&room)), &json!({"user_id": bob.user_id}))
-            .await?;
-        assert_error(&by_outsider, 403, "M_FORBIDDEN");
-
-        alice.invite(&room, &bob.user_id).await?;
-        bob.join(&room).await?;
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
-        Ok(())
-    }
-
-    /// Forget: refused (400) while still joined; after leaving, forgetting
-    /// succeeds and the room is not in `joined_rooms`.
-    async fn leave_and_forget(server: TestServer) -> anyhow::Result<()> {
-        let alice = server.register("alice", "alice-password").await?;
-        let bob = server.register("bob", "bob-password").await?;
-        let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
-        bob.join(&room).await?;
-
-        let too_early = bob.post(&format!("/rooms/{}/forget", enc(&room)), &json!({})).await?;
-        assert_eq!(too_early.status, 400, "forget while joined must be 400: {:?}", too_early);
-
-        bob.leave(&room).await?;
-        assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "leave");
-        ok(bob.post(&format!("/rooms/{}/forget", enc(&room)), &json!({})).await?);
-        assert!(!joined_rooms(&bob).await?.contains(&room));
-        Ok(())
-    }
-
-    /// `/members?at=<prev_batch>` answers with the membership as it was at
-    /// that point of the timeline.
-    async fn members_at_token(server: TestServer) -> anyhow::Result<()> {
-        let alice = server.register("alice", "alice-password").await?;
-        let bob = server.register("bob", "bob-password").await?;
-        let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
-        alice.send_message(&room, "before bob").await?;
-
-        let filter = json!({"room": {"timeline": {"limit": 1}}}).to_string();
-        let sync = alice.sync(None, None, Some(&filter)).await?;
-        let prev_batch = sync["rooms"]["join"][&room]["timeline"]["prev_batch"]
-            .as_str()
-            .unwrap_or_else(|| panic!("a limited timeline has a prev_batch: {sync}"))
-            .to_owned();
-
-        bob.join(&room).await?;
-        alice.send_message(&room, "after bob").await?;
-
-        let now = ok(alice.get(&format!("/rooms/{}/members", enc(&room))).await?);
-        assert_eq!(
-            members(&now),
-            pairs(&[(&alice.user_id, "join"), (&bob.user_id, "join")])
-        );
-        let then = ok(alice
-            .get(&format!("/rooms/{}/members?at={}", enc(&room), enc(&prev_batch)))
-            .await?);
-        assert_eq!(members(&then), pairs(&[(&alice.user_id, "join")]));
-        Ok(())
-    }
+    ok(alice
+        .post(
+            &format!("/rooms/{}/unban", enc(&room)),
+            &json!({"user_id": bob.user_id}),
+        )
+        .await?);
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "leave");
+    bob.join(&room).await?;
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
+    Ok(())
 }
+
+/// Invite-only rooms refuse uninvited joiners with 403 `M_FORBIDDEN`;
+/// non-members cannot invite; invited users can join.
+async fn invite_only_room(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let eve = server.register("eve", "eve-password").await?;
+    let room = alice
+        .create_room(&json!({"preset": "private_chat"}))
+        .await?;
+
+    let uninvited = eve
+        .post(&format!("/join/{}", enc(&room)), &json!({}))
+        .await?;
+    assert_error(&uninvited, 403, "M_FORBIDDEN");
+    assert!(!joined_rooms(&eve).await?.contains(&room));
+
+    // A non-member cannot invite.
+    let by_outsider = eve
+        .post(
+            &format!("/rooms/{}/invite", enc(&room)),
+            &json!({"user_id": bob.user_id}),
+        )
+        .await?;
+    assert_error(&by_outsider, 403, "M_FORBIDDEN");
+
+    alice.invite(&room, &bob.user_id).await?;
+    bob.join(&room).await?;
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
+    Ok(())
+}
+
+/// Forget: refused (400) while still joined; after leaving, forgetting
+/// succeeds and the room is not in `joined_rooms`.
+async fn leave_and_forget(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
+    bob.join(&room).await?;
+
+    let too_early = bob
+        .post(&format!("/rooms/{}/forget", enc(&room)), &json!({}))
+        .await?;
+    assert_eq!(
+        too_early.status, 400,
+        "forget while joined must be 400: {:?}",
+        too_early
+    );
+
+    bob.leave(&room).await?;
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "leave");
+    ok(bob
+        .post(&format!("/rooms/{}/forget", enc(&room)), &json!({}))
+        .await?);
+    assert!(!joined_rooms(&bob).await?.contains(&room));
+    Ok(())
+}
+
+/// `/members?at=<prev_batch>` answers with the membership as it was at
+/// that point of the timeline.
+async fn members_at_token(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
+    alice.send_message(&room, "before bob").await?;
+
+    let filter = json!({"room": {"timeline": {"limit": 1}}}).to_string();
+    let sync = alice.sync(None, None, Some(&filter)).await?;
+    let prev_batch = sync["rooms"]["join"][&room]["timeline"]["prev_batch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a limited timeline has a prev_batch: {sync}"))
+        .to_owned();
+
+    bob.join(&room).await?;
+    alice.send_message(&room, "after bob").await?;
+
+    let now = ok(alice.get(&format!("/rooms/{}/members", enc(&room))).await?);
+    assert_eq!(
+        members(&now),
+        pairs(&[(&alice.user_id, "join"), (&bob.user_id, "join")])
+    );
+    let then = ok(alice
+        .get(&format!(
+            "/rooms/{}/members?at={}",
+            enc(&room),
+            enc(&prev_batch)
+        ))
+        .await?);
+    assert_eq!(members(&then), pairs(&[(&alice.user_id, "join")]));
+    Ok(())
+}
+
+backend_tests!(
+    join_invite_kick_ban,
+    invite_only_room,
+    leave_and_forget,
+    members_at_token
+);

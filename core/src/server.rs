@@ -69,8 +69,9 @@ struct RoomHead {
 pub struct Append {
     pub sender: OwnedUserId,
     pub event: NewEvent,
-    /// `(device_id, txn_id)` of a client send.
-    pub txn: Option<(String, String)>,
+    /// `(device_id, scope, txn_id)` of a client send; the scope is the request path after the
+    /// room (a txn ID is unique per device and path).
+    pub txn: Option<(String, String, String)>,
 }
 
 const MAX_CACHED_EVENTS: usize = 100_000;
@@ -90,6 +91,7 @@ pub struct Server {
     next_event_nid: AtomicI64,
     next_state_group: AtomicI64,
     next_room_nid: AtomicI64,
+    last_create_ts: AtomicI64,
     rooms: RwLock<HashMap<i64, Arc<RoomInfo>>>,
     room_nids: RwLock<HashMap<OwnedRoomId, i64>>,
     heads: std::sync::Mutex<HashMap<i64, Arc<AsyncMutex<Option<RoomHead>>>>>,
@@ -128,6 +130,7 @@ impl Server {
             next_event_nid: AtomicI64::new(max_event + 1),
             next_state_group: AtomicI64::new(max_group + 1),
             next_room_nid: AtomicI64::new(max_room + 1),
+            last_create_ts: AtomicI64::new(0),
             rooms: RwLock::default(),
             room_nids: RwLock::default(),
             heads: Default::default(),
@@ -487,7 +490,15 @@ impl Server {
             OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name))
         }
         .map_err(|e| Error::internal(format!("room id: {e}")))?;
-        let now = MilliSecondsSinceUnixEpoch::now();
+        // Two creates by one user in the same millisecond would hash to the same v12 room ID:
+        // create timestamps are made strictly increasing within the process.
+        let now = {
+            let wall = MilliSecondsSinceUnixEpoch::now().0;
+            let wall = i64::from(wall);
+            let prev = self.last_create_ts.fetch_max(wall, Ordering::AcqRel);
+            let ts = if prev >= wall { self.last_create_ts.fetch_add(1, Ordering::AcqRel) + 1 } else { wall };
+            MilliSecondsSinceUnixEpoch(ruma::UInt::try_from(ts).unwrap_or_default())
+        };
         let frame = EventFrame {
             room_id: &provisional,
             version: &version,
@@ -784,7 +795,7 @@ impl Server {
                 let txn = b
                     .sender_txn
                     .as_ref()
-                    .map(|(d, t)| (pdu.sender.as_str(), d.as_str(), t.as_str()));
+                    .map(|(d, s, t)| (pdu.sender.as_str(), d.as_str(), s.as_str(), t.as_str()));
                 self.store
                     .persist_event(
                         &mut w.tx,
@@ -896,7 +907,7 @@ impl Server {
 
 struct Built {
     pdu: Arc<Pdu>,
-    sender_txn: Option<(String, String)>,
+    sender_txn: Option<(String, String, String)>,
     redaction: Option<(i64, String)>,
 }
 

@@ -106,13 +106,15 @@ CREATE TABLE forward_extremities (
     PRIMARY KEY (room_nid, event_nid)
 );
 
--- Local client transaction ids: a retried PUT returns the same event.
+-- Local client transaction IDs: a retried PUT (same device, same path) returns the same event.
+-- `scope` is the rest of the request path (e.g. `send/!room/m.room.message`).
 CREATE TABLE event_txns (
     user_id         TEXT NOT NULL,
     device_id       TEXT NOT NULL,
+    scope           TEXT NOT NULL,
     txn_id          TEXT NOT NULL,
     event_nid       BIGINT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    PRIMARY KEY (user_id, device_id, scope, txn_id)
 );
 CREATE INDEX event_txns_event ON event_txns (event_nid);
 

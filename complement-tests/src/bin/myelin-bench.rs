@@ -1069,11 +1069,12 @@ async fn initial_sync(cx: &Ctx) -> Result<Value> {
     let api = &cx.api;
     let conc = cx.args.concurrency;
     let u = api.register_many("ini", 1, 1).await?.remove(0);
-    let rooms: Vec<String> = stream::iter(0..cx.args.initial_rooms)
-        .map(|_| api.create_room(&u, "private_chat"))
-        .buffer_unordered(conc)
-        .try_collect()
-        .await?;
+    // Created one at a time: concurrent createRoom calls by one user can
+    // produce identical create events (and so the same room ID).
+    let mut rooms = Vec::with_capacity(cx.args.initial_rooms);
+    for _ in 0..cx.args.initial_rooms {
+        rooms.push(api.create_room(&u, "private_chat").await?);
+    }
     let msgs = cx.args.initial_messages;
     stream::iter(rooms.iter())
         .map(|room| {
@@ -1346,6 +1347,9 @@ async fn run(args: Args) -> Result<bool> {
         let v = match run_scenario(name, &cx).await {
             Ok(mut v) => {
                 v["scenario_wall_s"] = json!(round3(t.elapsed().as_secs_f64()));
+                if let Some(pid) = cx.args.server_pid {
+                    v["server_rss_after_kib"] = json!(rss_kib(pid).ok());
+                }
                 v
             }
             Err(e) => {

@@ -59,8 +59,8 @@ pub struct PersistEvent<'a> {
     pub state: Option<NewStateGroup<'a>>,
     /// For a membership event: the target user and membership.
     pub membership: Option<(&'a str, &'a str)>,
-    /// `(user_id, device_id, txn_id)` of a local client send.
-    pub txn: Option<(&'a str, &'a str, &'a str)>,
+    /// `(user_id, device_id, scope, txn_id)` of a local client send.
+    pub txn: Option<(&'a str, &'a str, &'a str, &'a str)>,
 }
 
 /// Result of persisting: the event's numeric ID and the state group after it.
@@ -186,13 +186,14 @@ impl Store {
             .execute(&mut **tx)
             .await?;
         }
-        if let Some((user, device, txn)) = ev.txn {
+        if let Some((user, device, scope, txn)) = ev.txn {
             sqlx::query(
-                "INSERT INTO event_txns (user_id, device_id, txn_id, event_nid) \
-                 VALUES ($1, $2, $3, $4)",
+                "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_nid) \
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(user)
             .bind(device)
+            .bind(scope)
             .bind(txn)
             .bind(event_nid)
             .execute(&mut **tx)
@@ -260,19 +261,21 @@ impl Store {
         Ok(out)
     }
 
-    /// The event a client transaction ID produced, if any.
+    /// The event a client transaction ID produced on this request path, if any.
     pub async fn event_for_txn(
         &self,
         user_id: &str,
         device_id: &str,
+        scope: &str,
         txn_id: &str,
     ) -> Result<Option<String>> {
         Ok(sqlx::query_scalar(
             "SELECT e.event_id FROM event_txns t JOIN events e ON e.event_nid = t.event_nid \
-             WHERE t.user_id = $1 AND t.device_id = $2 AND t.txn_id = $3",
+             WHERE t.user_id = $1 AND t.device_id = $2 AND t.scope = $3 AND t.txn_id = $4",
         )
         .bind(user_id)
         .bind(device_id)
+        .bind(scope)
         .bind(txn_id)
         .fetch_optional(self.pool())
         .await?)
