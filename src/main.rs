@@ -3,6 +3,9 @@
 
 mod config;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{path::PathBuf, sync::Arc};
 
 use clap::{Parser, Subcommand};

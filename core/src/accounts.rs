@@ -61,6 +61,21 @@ pub fn token_hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// argon2 needs 19 MiB and ~50 ms of CPU per hash: at most this many run at once, so a burst
+/// of logins neither starves the request threads nor balloons memory.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Runs a password hash or check off the async threads, bounded by [`HASHING`].
+async fn hashing<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _permit = HASHING
+        .acquire()
+        .await
+        .map_err(|e| Error::internal(format!("semaphore: {e}")))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("join: {e}")))
+}
+
 /// A new device ID.
 pub fn new_device_id() -> String {
     random_string(10).to_uppercase()
@@ -235,9 +250,7 @@ impl Server {
             return Ok(false);
         };
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-            .await
-            .map_err(|e| Error::internal(format!("join: {e}")))
+        hashing(move || verify_password(&password, &hash)).await
     }
 
     /// Creates an account; `M_USER_IN_USE` when taken.
@@ -259,11 +272,7 @@ impl Server {
         let hash = match password {
             Some(p) => {
                 let p = p.to_owned();
-                Some(
-                    tokio::task::spawn_blocking(move || hash_password(&p))
-                        .await
-                        .map_err(|e| Error::internal(format!("join: {e}")))??,
-                )
+                Some(hashing(move || hash_password(&p)).await??)
             }
             None => None,
         };
@@ -280,9 +289,7 @@ impl Server {
     /// Sets a new password.
     pub async fn set_password(&self, user_id: &str, password: &str) -> Result<bool> {
         let p = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || hash_password(&p))
-            .await
-            .map_err(|e| Error::internal(format!("join: {e}")))??;
+        let hash = hashing(move || hash_password(&p)).await??;
         self.store.set_password_hash(user_id, Some(&hash)).await
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     keys::SigningKey,
     pdu::{build_pdu, redact_json, rules_for, EventFrame, NewEvent, Pdu},
     state::{StateCache, StateMap, MAX_CHAIN},
-    store::{EventRow, NewStateGroup, PersistEvent, Store},
+    store::{EventRow, EventWrite, GroupWrite, RoomWrite, Store},
     streams::{Notifier, StreamTracker},
     Error, Result,
 };
@@ -59,7 +59,8 @@ pub struct StoredEvent {
 /// The tip of a room: what the next local event builds on.
 #[derive(Clone)]
 struct RoomHead {
-    extremities: Vec<(OwnedEventId, i64)>,
+    /// `(event ID, depth, event_nid)` of each forward extremity.
+    extremities: Vec<(OwnedEventId, i64, i64)>,
     state_group: i64,
     chain_len: i64,
     state: Arc<StateMap>,
@@ -80,7 +81,7 @@ const MAX_PREV_EVENTS: usize = 10;
 pub struct Server {
     pub config: Config,
     pub server_name: OwnedServerName,
-    pub store: Store,
+    pub store: Arc<Store>,
     pub key: SigningKey,
     pub state: StateCache,
     pub notifier: Notifier,
@@ -99,6 +100,11 @@ pub struct Server {
     event_nids: RwLock<HashMap<OwnedEventId, i64>>,
     /// Latest stream ordering per room, so a sync skips rooms with nothing new without a query.
     room_positions: RwLock<HashMap<i64, i64>>,
+    /// `(stream position, state group after)` of each room's latest event, for rooms written
+    /// since start (one lock, so the two are always read together).
+    room_tips: RwLock<HashMap<i64, (i64, i64)>>,
+    /// The group-commit writer's queue.
+    writer: tokio::sync::mpsc::UnboundedSender<WriteJob>,
     /// `user → membership` of each room whose members were loaded.
     members: RwLock<HashMap<i64, Arc<HashMap<String, String>>>>,
     /// Access-token cache.
@@ -112,7 +118,11 @@ impl Server {
     pub async fn open(config: Config) -> Result<Arc<Self>> {
         let server_name = OwnedServerName::try_from(config.server_name.as_str())
             .map_err(|e| Error::internal(format!("server_name {:?}: {e}", config.server_name)))?;
-        let store = Store::connect(&config.database_url(), config.database_max_connections).await?;
+        let store = Arc::new(
+            Store::connect(&config.database_url(), config.database_max_connections).await?,
+        );
+        let (writer, jobs) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_writer(store.clone(), jobs));
         let key = SigningKey::load_or_generate(&config.data_dir.join("signing.key"))?;
         let (max_stream, max_event, max_group) = store.max_ids().await?;
         let max_ad = store.max_account_data_stream().await?;
@@ -137,6 +147,8 @@ impl Server {
             events: RwLock::default(),
             event_nids: RwLock::default(),
             room_positions: RwLock::new(room_positions),
+            room_tips: RwLock::default(),
+            writer,
             members: RwLock::default(),
             tokens: Default::default(),
             shutting_down: Default::default(),
@@ -205,6 +217,15 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .insert(nid, info.clone());
         Ok(info)
+    }
+
+    /// `(stream position, state group after)` of a room's latest event, when known in memory.
+    pub fn room_tip(&self, room_nid: i64) -> Option<(i64, i64)> {
+        self.room_tips
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room_nid)
+            .copied()
     }
 
     /// The latest stream position of a room.
@@ -459,7 +480,7 @@ impl Server {
                 .forward_extremities(room.nid)
                 .await?
                 .into_iter()
-                .filter_map(|(id, d)| OwnedEventId::try_from(id).ok().map(|id| (id, d)))
+                .filter_map(|(id, d, n)| OwnedEventId::try_from(id).ok().map(|id| (id, d, n)))
                 .collect();
             *slot = Some(RoomHead {
                 extremities,
@@ -496,7 +517,11 @@ impl Server {
             let wall = MilliSecondsSinceUnixEpoch::now().0;
             let wall = i64::from(wall);
             let prev = self.last_create_ts.fetch_max(wall, Ordering::AcqRel);
-            let ts = if prev >= wall { self.last_create_ts.fetch_add(1, Ordering::AcqRel) + 1 } else { wall };
+            let ts = if prev >= wall {
+                self.last_create_ts.fetch_add(1, Ordering::AcqRel) + 1
+            } else {
+                wall
+            };
             MilliSecondsSinceUnixEpoch(ruma::UInt::try_from(ts).unwrap_or_default())
         };
         let frame = EventFrame {
@@ -558,11 +583,7 @@ impl Server {
         }
         let lock = self.head_lock(room_nid);
         let mut guard = lock.lock().await;
-        let mut w = self.store.write().await?;
-        self.store
-            .insert_room(&mut w.tx, room_nid, room_id.as_str(), room.version.as_str())
-            .await?;
-        let stored = self.write_batch(&room, w, all, applied, &mut head).await?;
+        let stored = self.write_batch(&room, true, all, applied, &head).await?;
         *guard = Some(head);
         self.rooms
             .write()
@@ -596,9 +617,8 @@ impl Server {
             );
             built_all.push(built);
         }
-        let w = self.store.write().await?;
         let stored = self
-            .write_batch(room, w, built_all, applied, &mut head)
+            .write_batch(room, false, built_all, applied, &head)
             .await?;
         *guard = Some(head);
         Ok(stored)
@@ -653,9 +673,15 @@ impl Server {
             .extremities
             .iter()
             .take(MAX_PREV_EVENTS)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _, _)| id.clone())
             .collect();
-        let depth = head.extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        let depth = head
+            .extremities
+            .iter()
+            .map(|(_, d, _)| *d)
+            .max()
+            .unwrap_or(0)
+            + 1;
         let frame = EventFrame {
             room_id: &room.room_id,
             version: &room.version,
@@ -758,7 +784,7 @@ impl Server {
                 edits,
             });
         }
-        head.extremities = vec![(pdu.event_id.clone(), pdu.depth)];
+        head.extremities = vec![(pdu.event_id.clone(), pdu.depth, nid)];
         Ok(Applied {
             nid,
             state_before,
@@ -767,69 +793,73 @@ impl Server {
         })
     }
 
+    /// Hands a room's built events to the group-commit writer and waits for the commit.
     async fn write_batch(
         &self,
         room: &Arc<RoomInfo>,
-        mut w: crate::store::WriteTxn<'_>,
+        new_room: bool,
         built: Vec<Built>,
         applied: Vec<Applied>,
-        head: &mut RoomHead,
+        head: &RoomHead,
     ) -> Result<Vec<Arc<StoredEvent>>> {
         let positions = self.events_stream.allocate(built.len());
-        let result: Result<()> = async {
-            for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
-                let pdu = &b.pdu;
-                let prev: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
-                let membership = if pdu.kind == TimelineEventType::RoomMember {
-                    pdu.content_str("membership")
-                } else {
-                    None
-                };
-                let state = a.new_group.as_ref().map(|g| NewStateGroup {
+        let mut write = RoomWrite {
+            room_nid: room.nid,
+            new_room: new_room.then(|| (room.room_id.to_string(), room.version.to_string())),
+            events: Vec::with_capacity(built.len()),
+            extremities: head.extremities.iter().map(|(_, _, nid)| *nid).collect(),
+            redactions: Vec::new(),
+        };
+        for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
+            let pdu = &b.pdu;
+            let membership = match (&pdu.state_key, pdu.kind == TimelineEventType::RoomMember) {
+                (Some(sk), true) => pdu.content_str("membership").map(|m| (sk.clone(), m)),
+                _ => None,
+            };
+            write.events.push(EventWrite {
+                event_nid: a.nid,
+                event_id: pdu.event_id.to_string(),
+                event_type: pdu.kind.to_string(),
+                state_key: pdu.state_key.clone(),
+                sender: pdu.sender.to_string(),
+                depth: pdu.depth,
+                origin_server_ts: u64::from(pdu.origin_server_ts.0) as i64,
+                stream_ordering: *pos,
+                json: pdu.json.get().to_owned(),
+                prev_events: pdu.prev_events.iter().map(|e| e.to_string()).collect(),
+                state_before: a.state_before,
+                state_after: a
+                    .new_group
+                    .as_ref()
+                    .map(|g| g.group)
+                    .unwrap_or(a.state_before),
+                new_group: a.new_group.as_ref().map(|g| GroupWrite {
                     group: g.group,
-                    state_key_nid: g.state_key_nid,
                     parent: g.parent,
                     chain_len: g.chain_len,
-                    edits: &g.edits,
-                });
-                let txn = b
+                    state_key_nid: g.state_key_nid,
+                    edits: g.edits.clone(),
+                }),
+                membership,
+                txn: b
                     .sender_txn
                     .as_ref()
-                    .map(|(d, s, t)| (pdu.sender.as_str(), d.as_str(), s.as_str(), t.as_str()));
-                self.store
-                    .persist_event(
-                        &mut w.tx,
-                        &PersistEvent {
-                            event_nid: a.nid,
-                            room_nid: room.nid,
-                            event_id: pdu.event_id.as_str(),
-                            event_type: &pdu.kind.to_string(),
-                            state_key: pdu.state_key.as_deref(),
-                            sender: pdu.sender.as_str(),
-                            depth: pdu.depth,
-                            origin_server_ts: u64::from(pdu.origin_server_ts.0) as i64,
-                            stream_ordering: *pos,
-                            json: pdu.json.get(),
-                            prev_events: &prev,
-                            state_before: a.state_before,
-                            state,
-                            membership: match (&pdu.state_key, &membership) {
-                                (Some(sk), Some(m)) => Some((sk.as_str(), m.as_str())),
-                                _ => None,
-                            },
-                            txn,
-                        },
-                    )
-                    .await?;
-                if let Some((target, json)) = &b.redaction {
-                    self.store
-                        .store_redaction(&mut w.tx, *target, json, pdu.event_id.as_str())
-                        .await?;
-                }
+                    .map(|(d, sc, t)| (pdu.sender.to_string(), d.clone(), sc.clone(), t.clone())),
+            });
+            if let Some((target, json)) = &b.redaction {
+                write
+                    .redactions
+                    .push((*target, json.clone(), pdu.event_id.to_string()));
             }
-            w.commit().await
         }
-        .await;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let sent = self.writer.send(WriteJob { room: write, reply });
+        let result = match sent {
+            Ok(()) => done
+                .await
+                .unwrap_or_else(|_| Err(Error::internal("writer stopped"))),
+            Err(_) => Err(Error::internal("writer stopped")),
+        };
         if let Err(e) = result {
             self.events_stream.complete(&positions);
             return Err(e);
@@ -868,7 +898,6 @@ impl Server {
             self.cache_event(ev.clone());
             stored.push(ev);
         }
-        let _ = head;
         let members = {
             let mut all = self.members.write().unwrap_or_else(|e| e.into_inner());
             let entry = all.get(&room.nid).cloned();
@@ -893,6 +922,12 @@ impl Server {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(room.nid, *last);
         }
+        if let Some(last) = positions.last() {
+            self.room_tips
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.nid, (*last, head.state_group));
+        }
         self.events_stream.complete(&positions);
         // Everyone with a membership (joined, invited, knocking, just left) hears of it.
         self.notifier.wake(members.keys().map(|s| s.as_str()));
@@ -902,6 +937,50 @@ impl Server {
     /// Wakes a user's syncs (after account data and similar per-user changes).
     pub fn wake_user(&self, user_id: &str) {
         self.notifier.wake([user_id]);
+    }
+}
+
+/// One room's events waiting for the group-commit writer.
+struct WriteJob {
+    room: RoomWrite,
+    reply: tokio::sync::oneshot::Sender<Result<()>>,
+}
+
+/// Most rooms written in one transaction.
+const MAX_BATCH_ROOMS: usize = 256;
+
+/// The group-commit writer: takes every job that is waiting, writes them in one transaction,
+/// answers each. If a batch fails, its jobs are retried one by one so that one bad job fails
+/// alone.
+async fn run_writer(store: Arc<Store>, mut jobs: tokio::sync::mpsc::UnboundedReceiver<WriteJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_ROOMS {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let (rooms, replies): (Vec<RoomWrite>, Vec<_>) =
+            batch.into_iter().map(|j| (j.room, j.reply)).unzip();
+        match store.write_rooms(&rooms).await {
+            Ok(()) => {
+                for r in replies {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Err(e) if rooms.len() == 1 => {
+                if let Some(r) = replies.into_iter().next() {
+                    let _ = r.send(Err(e));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rooms = rooms.len(), "batch write failed; retrying singly");
+                for (room, reply) in rooms.into_iter().zip(replies) {
+                    let _ = reply.send(store.write_rooms(std::slice::from_ref(&room)).await);
+                }
+            }
+        }
     }
 }
 

@@ -238,6 +238,8 @@ impl Server {
         let mut upper = to;
         let mut limited = false;
         let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
+        // The state before the oldest event read in the window.
+        let mut window_first_before = None;
         'pages: loop {
             let rows = self
                 .store
@@ -247,6 +249,7 @@ impl Server {
             let Some(last) = rows.last() else { break };
             upper = last.stream_ordering.unwrap_or(from) - 1;
             let events = self.events_from_rows(rows).await?;
+            window_first_before = events.last().and_then(|e| e.state_before);
             for ev in self.filter_visible(&req.user_id, current, events).await? {
                 if !tf.allows(&ev.pdu) {
                     continue;
@@ -263,17 +266,24 @@ impl Server {
         }
         timeline.reverse();
 
-        // State at the window's start (since) and at the timeline's start and end.
+        // State at the window's start (since) and at the timeline's start and end. When the
+        // whole window was read (not limited), the state at `since` is the state before its
+        // first event, and the state at `to` is known in memory for the room's latest event.
         let since_group = if full || from == 0 {
             None
+        } else if let (false, Some(first)) = (limited, window_first_before) {
+            Some(first)
         } else {
             self.store.state_group_at(room.nid, from).await?
         };
         let since_state = match since_group {
-            Some(g) => self.state_map(g).await?,
-            None => Arc::new(StateMap::new()),
+            Some(g) if g != 0 => self.state_map(g).await?,
+            _ => Arc::new(StateMap::new()),
         };
-        let end_group = self.store.state_group_at(room.nid, to).await?;
+        let end_group = match self.room_tip(room.nid) {
+            Some((pos, g)) if to >= pos => Some(g),
+            _ => self.store.state_group_at(room.nid, to).await?,
+        };
         let first_before = timeline.first().and_then(|e| e.state_before);
         let start_group = if limited || !timeline.is_empty() {
             first_before.or(end_group)

@@ -6,6 +6,7 @@
 //! lock (which also keeps WAL readers from ever upgrading a stale snapshot).
 
 mod accounts;
+mod batch;
 mod events;
 mod misc;
 mod rooms;
@@ -18,7 +19,7 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use self::{accounts::*, events::*, misc::*, rooms::*};
+pub use self::{accounts::*, batch::*, events::*, misc::*, rooms::*};
 use crate::{Error, Result};
 
 /// Which database engine backs the store.

@@ -1,11 +1,11 @@
 //! Rooms: the room table, interned state keys, state-group snapshots, memberships, aliases and
 //! the public room directory.
 
-use sqlx::{Any, Row, Transaction};
+use sqlx::Row;
 
 use sqlx::AssertSqlSafe;
 
-use super::{now_ms, Store};
+use super::Store;
 use crate::Result;
 
 /// A room row.
@@ -63,25 +63,6 @@ fn membership_row(r: sqlx::any::AnyRow) -> MembershipRow {
 const MEMBER_COLS: &str = "room_nid, user_id, membership, event_nid, stream_ordering, forgotten";
 
 impl Store {
-    pub async fn insert_room(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        room_nid: i64,
-        room_id: &str,
-        version: &str,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO rooms (room_nid, room_id, room_version, created_ts) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(room_nid)
-        .bind(room_id)
-        .bind(version)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
     pub async fn max_room_nid(&self) -> Result<i64> {
         let v: Option<i64> = sqlx::query_scalar("SELECT MAX(room_nid) FROM rooms")
             .fetch_one(self.pool())
@@ -107,17 +88,17 @@ impl Store {
             .map(room_row))
     }
 
-    /// Event IDs and depths of the room's forward extremities.
-    pub async fn forward_extremities(&self, room_nid: i64) -> Result<Vec<(String, i64)>> {
+    /// Event IDs, depths and numeric IDs of the room's forward extremities.
+    pub async fn forward_extremities(&self, room_nid: i64) -> Result<Vec<(String, i64, i64)>> {
         Ok(sqlx::query(
-            "SELECT e.event_id, e.depth FROM forward_extremities f \
+            "SELECT e.event_id, e.depth, e.event_nid FROM forward_extremities f \
              JOIN events e ON e.event_nid = f.event_nid WHERE f.room_nid = $1",
         )
         .bind(room_nid)
         .fetch_all(self.pool())
         .await?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
     }
 

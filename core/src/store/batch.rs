@@ -1,0 +1,360 @@
+//! Group commit: many rooms' new events written in one transaction with multi-row statements.
+//!
+//! Each statement is a round trip to the database (for SQLite, a hop to its worker thread), so
+//! the writer sends a handful of statements per batch rather than several per event. Everything
+//! a batch changes commits or rolls back together.
+
+use sqlx::{Any, AssertSqlSafe, Transaction};
+
+use super::Store;
+use crate::Result;
+
+/// One event to write, with every numeric ID already allocated.
+#[derive(Debug, Clone)]
+pub struct EventWrite {
+    pub event_nid: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub stream_ordering: i64,
+    pub json: String,
+    pub prev_events: Vec<String>,
+    pub state_before: i64,
+    pub state_after: i64,
+    /// A new state group (for a state event).
+    pub new_group: Option<GroupWrite>,
+    /// `(target user, membership)` of a member event.
+    pub membership: Option<(String, String)>,
+    /// `(user, device, scope, txn_id)` of a client send.
+    pub txn: Option<(String, String, String, String)>,
+}
+
+/// A new state group: its parent (none for a full snapshot) and its own entries.
+#[derive(Debug, Clone)]
+pub struct GroupWrite {
+    pub group: i64,
+    pub parent: Option<i64>,
+    pub chain_len: i64,
+    pub state_key_nid: i64,
+    pub edits: Vec<(i64, i64)>,
+}
+
+/// One room's share of a batch.
+#[derive(Debug, Clone)]
+pub struct RoomWrite {
+    pub room_nid: i64,
+    /// `(room_id, room_version)` when the room is new.
+    pub new_room: Option<(String, String)>,
+    pub events: Vec<EventWrite>,
+    /// The room's forward extremities after these events.
+    pub extremities: Vec<i64>,
+    /// Redactions applied: `(target event_nid, redacted JSON, redaction event ID)`.
+    pub redactions: Vec<(i64, String, String)>,
+}
+
+/// A value bound into a multi-row statement.
+enum V {
+    I(i64),
+    OI(Option<i64>),
+    S(String),
+    OS(Option<String>),
+}
+
+/// Largest number of bound values in one statement (SQLite allows 32,766).
+const MAX_BINDS: usize = 30_000;
+
+/// `INSERT INTO … VALUES (…), (…) [suffix]`, chunked to the bind limit.
+async fn insert_rows(
+    tx: &mut Transaction<'static, Any>,
+    head: &str,
+    cols: usize,
+    rows: Vec<Vec<V>>,
+    suffix: &str,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let per = (MAX_BINDS / cols).max(1);
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<Vec<V>> = rows.by_ref().take(per).collect();
+        let mut sql = String::with_capacity(head.len() + chunk.len() * cols * 5 + suffix.len());
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        let mut n = 0;
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..cols {
+                if c > 0 {
+                    sql.push(',');
+                }
+                n += 1;
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(suffix);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for row in chunk {
+            for v in row {
+                q = match v {
+                    V::I(x) => q.bind(x),
+                    V::OI(x) => q.bind(x),
+                    V::S(x) => q.bind(x),
+                    V::OS(x) => q.bind(x),
+                };
+            }
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Writes a batch of rooms' events in one transaction.
+    pub async fn write_rooms(&self, rooms: &[RoomWrite]) -> Result<()> {
+        let mut w = self.write().await?;
+        let tx = &mut w.tx;
+        let new_rooms: Vec<Vec<V>> = rooms
+            .iter()
+            .filter_map(|r| {
+                r.new_room.as_ref().map(|(id, v)| {
+                    vec![
+                        V::I(r.room_nid),
+                        V::S(id.clone()),
+                        V::S(v.clone()),
+                        V::I(super::now_ms()),
+                    ]
+                })
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO rooms (room_nid, room_id, room_version, created_ts)",
+            4,
+            new_rooms,
+            "",
+        )
+        .await?;
+
+        let events = || {
+            rooms
+                .iter()
+                .flat_map(|r| r.events.iter().map(move |e| (r.room_nid, e)))
+        };
+        let groups: Vec<Vec<V>> = events()
+            .filter_map(|(room, e)| {
+                e.new_group.as_ref().map(|g| {
+                    vec![
+                        V::I(g.group),
+                        V::I(room),
+                        V::OI(g.parent),
+                        V::I(g.chain_len),
+                    ]
+                })
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO state_groups (state_group, room_nid, parent_group, chain_len)",
+            4,
+            groups,
+            "",
+        )
+        .await?;
+        let edits: Vec<Vec<V>> = events()
+            .filter_map(|(_, e)| e.new_group.as_ref())
+            .flat_map(|g| {
+                g.edits
+                    .iter()
+                    .map(move |(k, ev)| vec![V::I(g.group), V::I(*k), V::I(*ev)])
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO state_group_edits (state_group, state_key_nid, event_nid)",
+            3,
+            edits,
+            "",
+        )
+        .await?;
+
+        let rows: Vec<Vec<V>> = events()
+            .map(|(room, e)| {
+                vec![
+                    V::I(e.event_nid),
+                    V::S(e.event_id.clone()),
+                    V::I(room),
+                    V::I(e.stream_ordering),
+                    V::I(e.depth),
+                    V::S(e.event_type.clone()),
+                    V::OS(e.state_key.clone()),
+                    V::S(e.sender.clone()),
+                    V::I(e.origin_server_ts),
+                    V::I(e.state_before),
+                    V::I(e.state_after),
+                    V::S(e.json.clone()),
+                ]
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO events (event_nid, event_id, room_nid, stream_ordering, depth, event_type, \
+             state_key, sender, origin_server_ts, state_before, state_after, json)",
+            12,
+            rows,
+            "",
+        )
+        .await?;
+        let edges: Vec<Vec<V>> = events()
+            .flat_map(|(_, e)| {
+                e.prev_events
+                    .iter()
+                    .map(move |p| vec![V::I(e.event_nid), V::S(p.clone())])
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO event_edges (event_nid, prev_event_id)",
+            2,
+            edges,
+            "",
+        )
+        .await?;
+
+        // Forward extremities: each room's set is replaced by the one computed in memory.
+        let room_list = rooms
+            .iter()
+            .map(|r| r.room_nid.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM forward_extremities WHERE room_nid IN ({room_list})"
+        )))
+        .execute(&mut **tx)
+        .await?;
+        let ext: Vec<Vec<V>> = rooms
+            .iter()
+            .flat_map(|r| {
+                r.extremities
+                    .iter()
+                    .map(move |e| vec![V::I(r.room_nid), V::I(*e)])
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO forward_extremities (room_nid, event_nid)",
+            2,
+            ext,
+            "",
+        )
+        .await?;
+
+        // Current state and memberships: the last write per key wins (one row per key per
+        // statement, as an upsert may touch a row only once).
+        let mut current: std::collections::HashMap<(i64, i64), i64> = Default::default();
+        let mut members: std::collections::HashMap<(i64, String), (String, i64, i64)> =
+            Default::default();
+        let mut room_groups: Vec<(i64, i64)> = Vec::new();
+        for r in rooms {
+            let mut last_group = None;
+            for e in &r.events {
+                if let Some(g) = &e.new_group {
+                    current.insert((r.room_nid, g.state_key_nid), e.event_nid);
+                    last_group = Some(g.group);
+                }
+                if let Some((user, m)) = &e.membership {
+                    members.insert(
+                        (r.room_nid, user.clone()),
+                        (m.clone(), e.event_nid, e.stream_ordering),
+                    );
+                }
+            }
+            if let Some(g) = last_group {
+                room_groups.push((r.room_nid, g));
+            }
+        }
+        let cs: Vec<Vec<V>> = current
+            .into_iter()
+            .map(|((room, k), ev)| vec![V::I(room), V::I(k), V::I(ev)])
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO current_state (room_nid, state_key_nid, event_nid)",
+            3,
+            cs,
+            "ON CONFLICT (room_nid, state_key_nid) DO UPDATE SET event_nid = excluded.event_nid",
+        )
+        .await?;
+        let ms: Vec<Vec<V>> = members
+            .into_iter()
+            .map(|((room, user), (m, ev, pos))| {
+                vec![
+                    V::I(room),
+                    V::S(user),
+                    V::S(m),
+                    V::I(ev),
+                    V::I(pos),
+                    V::I(0),
+                ]
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO room_memberships (room_nid, user_id, membership, event_nid, stream_ordering, \
+             forgotten)",
+            6,
+            ms,
+            "ON CONFLICT (room_nid, user_id) DO UPDATE SET membership = excluded.membership, \
+             event_nid = excluded.event_nid, stream_ordering = excluded.stream_ordering, forgotten = 0",
+        )
+        .await?;
+        for (room, group) in room_groups {
+            sqlx::query("UPDATE rooms SET state_group = $2 WHERE room_nid = $1")
+                .bind(room)
+                .bind(group)
+                .execute(&mut **tx)
+                .await?;
+        }
+        let txns: Vec<Vec<V>> = events()
+            .filter_map(|(_, e)| {
+                e.txn.as_ref().map(|(u, d, s, t)| {
+                    vec![
+                        V::S(u.clone()),
+                        V::S(d.clone()),
+                        V::S(s.clone()),
+                        V::S(t.clone()),
+                        V::I(e.event_nid),
+                    ]
+                })
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_nid)",
+            5,
+            txns,
+            "",
+        )
+        .await?;
+        for r in rooms {
+            for (target, json, by) in &r.redactions {
+                sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_nid = $1")
+                    .bind(target)
+                    .bind(json)
+                    .bind(by)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        w.commit().await
+    }
+}
