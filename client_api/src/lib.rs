@@ -163,10 +163,14 @@ fn versioned() -> Router<Arc<Server>> {
 }
 
 /// The whole Client-Server API router.
+///
+/// The cross-cutting layers (CORS, body limit, the 405 rewrite) wrap the routed service once,
+/// rather than each route: axum clones a route's service stack for every request, and a long
+/// poll keeps that clone for its whole wait.
 pub fn router(server: Arc<Server>) -> Router {
     let body_limit = server.config.max_request_body_bytes;
     let v = versioned();
-    Router::new()
+    let routes = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
         .route(
             "/.well-known/matrix/client",
@@ -183,26 +187,28 @@ pub fn router(server: Arc<Server>) -> Router {
             get(discovery::token_validity),
         )
         .fallback(unrecognized)
+        .with_state(server);
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HeaderName::from_static("x-requested-with"),
+        ]);
+    let layered = tower::ServiceBuilder::new()
+        .layer(cors)
         .layer(axum::middleware::map_response(method_not_allowed))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(
-            CorsLayer::new()
-                .allow_origin(Any)
-                .allow_methods([
-                    Method::GET,
-                    Method::POST,
-                    Method::PUT,
-                    Method::DELETE,
-                    Method::OPTIONS,
-                ])
-                .allow_headers([
-                    header::AUTHORIZATION,
-                    header::CONTENT_TYPE,
-                    header::ACCEPT,
-                    header::HeaderName::from_static("x-requested-with"),
-                ]),
-        )
-        .with_state(server)
+        .service(routes);
+    Router::new().fallback_service(layered)
 }
 
 async fn unrecognized() -> Response {

@@ -42,7 +42,9 @@ impl Server {
         }
     }
 
-    /// Runs one sync, waiting up to `timeout` for something to report.
+    /// Runs one sync, waiting up to `timeout` for something to report. The computation is
+    /// boxed so that a waiting poll holds only its small wait state, not the (large) future of
+    /// a sync computation.
     pub async fn sync(&self, req: &SyncRequest) -> Result<Value> {
         let mut wake = self.notifier.subscribe(&req.user_id);
         wake.borrow_and_update();
@@ -53,7 +55,7 @@ impl Server {
                 .since
                 .is_some_and(|s| s.events >= now.events && s.account_data >= now.account_data);
             if !unchanged || req.full_state || req.timeout.is_zero() {
-                let (body, empty) = self.compute_sync(req, now).await?;
+                let (body, empty) = Box::pin(self.compute_sync(req, now)).await?;
                 if !empty || req.since.is_none() || req.full_state {
                     return Ok(body);
                 }
@@ -69,7 +71,7 @@ impl Server {
                 .shutting_down
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
-                let (body, _) = self.compute_sync(req, now).await?;
+                let (body, _) = Box::pin(self.compute_sync(req, now)).await?;
                 return Ok(body);
             }
             match tokio::time::timeout_at(deadline, wake.changed()).await {
@@ -78,7 +80,7 @@ impl Server {
                 }
                 _ => {
                     let now = self.current_token();
-                    let (body, _) = self.compute_sync(req, now).await?;
+                    let (body, _) = Box::pin(self.compute_sync(req, now)).await?;
                     return Ok(body);
                 }
             }
