@@ -42,10 +42,7 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-            toml::from_str::<Config>(&text).map_err(|e| {
-                let msg = e.message().to_owned();
-                format!("config file {}: {msg}", path.display())
-            })?
+            from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
         }
         None => Config::default(),
     };
@@ -72,6 +69,24 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
     }
     validate(&config)?;
     Ok(config)
+}
+
+/// Parses the file; an error names the option at fault.
+fn from_toml(text: &str) -> Result<Config, String> {
+    use serde::Deserialize;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| e.message().to_owned())?;
+    Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+        // Find the option at fault by reading each one alone.
+        for (key, value) in &table {
+            let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+            if let Err(e) = Config::deserialize(toml::Value::Table(one)) {
+                return format!("option `{key}`: {}", e.message());
+            }
+        }
+        e.message().to_owned()
+    })
 }
 
 fn validate(c: &Config) -> Result<(), String> {

@@ -31,6 +31,10 @@ async fn room_for(server: &Server, room_id: &str) -> ApiResult<Arc<RoomInfo>> {
 
 /// Sends one event with txn-ID idempotency; returns its event ID. `txn` is
 /// `(scope, txn_id)`: a transaction ID is unique per device and request path.
+///
+/// Retries are answered from memory when the first send happened since start; otherwise the
+/// database's unique key on the transaction refuses the duplicate and the original event is
+/// looked up, so a first send costs no extra query.
 async fn send_event(
     server: &Server,
     auth: &Auth,
@@ -40,7 +44,7 @@ async fn send_event(
 ) -> ApiResult<String> {
     let (user, device) = (auth.user_id.as_str(), auth.device_id.as_str());
     if let Some((scope, t)) = txn {
-        if let Some(id) = server.store.event_for_txn(user, device, scope, t).await? {
+        if let Some(id) = server.txns.get(user, device, scope, t) {
             return Ok(id);
         }
     }
@@ -50,11 +54,18 @@ async fn send_event(
         txn: txn.map(|(s, t)| (auth.device_id.clone(), s.to_owned(), t.to_owned())),
     };
     match server.append(room, vec![append]).await {
-        Ok(stored) => Ok(stored[0].pdu.event_id.to_string()),
+        Ok(stored) => {
+            let id = stored[0].pdu.event_id.to_string();
+            if let Some((scope, t)) = txn {
+                server.txns.put(user, device, scope, t, &id);
+            }
+            Ok(id)
+        }
         Err(e) => {
-            // A concurrent retry of the same transaction may have won the race.
+            // A retry of a transaction sent before a restart, or a concurrent retry.
             if let Some((scope, t)) = txn {
                 if let Some(id) = server.store.event_for_txn(user, device, scope, t).await? {
+                    server.txns.put(user, device, scope, t, &id);
                     return Ok(id);
                 }
             }

@@ -82,7 +82,17 @@ where
     F: FnOnce(TestServer) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let server = match TestServer::start(backend).await {
+    run_backend_test_with(backend, &[], body).await
+}
+
+/// [`run_backend_test`] on a server started with extra or overridden
+/// environment variables (see [`TestServer::start_with`]).
+pub async fn run_backend_test_with<F, Fut>(backend: Backend, env: &[(&str, &str)], body: F)
+where
+    F: FnOnce(TestServer) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let server = match TestServer::start_with(backend, env).await {
         Ok(server) => server,
         Err(err) => panic!("could not start myelin ({backend:?}): {err:#}"),
     };
@@ -123,8 +133,30 @@ where
 /// sqlite` runs every SQLite variant. A test function left out of the list
 /// is dead code, which `clippy -D warnings` reports. The test crate must
 /// depend on `tokio` (this crate does).
+///
+/// To start the servers with extra or overridden environment variables,
+/// put them first:
+///
+/// ```ignore
+/// backend_tests!(env = [("MYELIN_REGISTRATION", "token")]; token_registration);
+/// ```
 #[macro_export]
 macro_rules! backend_tests {
+    (env = $env:expr; $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $crate::run_backend_test_with($crate::Backend::Sqlite, &$env, super::$name)
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $crate::run_backend_test_with($crate::Backend::Postgres, &$env, super::$name)
+                    .await;
+            }
+        }
+    )+};
     ($($name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,16 +2,23 @@
 //! starting it with the environment contract on a free port against a fresh
 //! data directory and database, waiting until it answers
 //! `GET /_matrix/client/versions`, and tearing everything down on drop.
+//!
+//! For operations tests it can also start a server with extra or overridden
+//! `MYELIN_*` variables ([`TestServer::start_with`]), run the same binary as
+//! an admin CLI against the same configuration ([`TestServer::cli_command`],
+//! [`TestServer::run_cli`]), stop the process with SIGTERM and collect its
+//! exit status ([`TestServer::stop`]), and start a new process on the same
+//! data directory, database and port ([`TestServer::restart`]).
 
 use crate::client::Client;
 use crate::postgres::ThrowawayDatabase;
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,20 +53,36 @@ struct Inner {
     backend: Backend,
     http: reqwest::Client,
     log_path: PathBuf,
+    binary: PathBuf,
+    /// Every variable the process is started with, overrides applied.
+    env: Vec<(String, String)>,
+    database_url: String,
     child: Mutex<Option<Child>>,
     database: Mutex<Option<ThrowawayDatabase>>,
     // Declared last so it is removed after the process is dead.
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
 }
 
 impl TestServer {
     /// Starts a fresh server on `backend` and waits until it serves
     /// `/versions`.
     pub async fn start(backend: Backend) -> anyhow::Result<TestServer> {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// Like [`start`](TestServer::start), with extra environment variables:
+    /// each `(name, value)` replaces the harness's value for `name` (for
+    /// example `("MYELIN_REGISTRATION", "token")`) or is added. The same
+    /// variables are used by [`restart`](TestServer::restart) and
+    /// [`cli_command`](TestServer::cli_command).
+    pub async fn start_with(
+        backend: Backend,
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
         let binary = myelin_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&binary, backend).await {
+            match Self::start_once(&binary, backend, overrides).await {
                 Ok(server) => return Ok(server),
                 Err(StartError::Fatal(err)) => return Err(err),
                 Err(StartError::ExitedEarly(err)) => last_error = Some(err),
@@ -68,7 +91,11 @@ impl TestServer {
         Err(last_error.unwrap_or_else(|| anyhow!("server did not start")))
     }
 
-    async fn start_once(binary: &Path, backend: Backend) -> Result<TestServer, StartError> {
+    async fn start_once(
+        binary: &Path,
+        backend: Backend,
+        overrides: &[(&str, &str)],
+    ) -> Result<TestServer, StartError> {
         let data_dir = tempfile::Builder::new()
             .prefix("myelin-test-")
             .tempdir()
@@ -92,26 +119,28 @@ impl TestServer {
             None => format!("sqlite://{}", data_dir.path().join("myelin.db").display()),
         };
 
+        let mut env: Vec<(String, String)> = vec![
+            ("MYELIN_SERVER_NAME".into(), server_name.clone()),
+            ("MYELIN_CLIENT_LISTEN".into(), format!("127.0.0.1:{port}")),
+            (
+                "MYELIN_DATA_DIR".into(),
+                data_dir.path().display().to_string(),
+            ),
+            ("MYELIN_REGISTRATION".into(), "open".into()),
+            ("MYELIN_DATABASE_URL".into(), database_url.clone()),
+            ("MYELIN_LOG".into(), "warn".into()),
+        ];
+        for (name, value) in overrides {
+            match env.iter_mut().find(|(existing, _)| existing == name) {
+                Some(slot) => slot.1 = (*value).to_owned(),
+                None => env.push(((*name).to_owned(), (*value).to_owned())),
+            }
+        }
+
         let log = File::create(&log_path)
             .context("creating the server log")
             .map_err(StartError::Fatal)?;
-        let log_err = log
-            .try_clone()
-            .context("cloning the log handle")
-            .map_err(StartError::Fatal)?;
-        let child = Command::new(binary)
-            .env("MYELIN_SERVER_NAME", &server_name)
-            .env("MYELIN_CLIENT_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MYELIN_DATA_DIR", data_dir.path())
-            .env("MYELIN_REGISTRATION", "open")
-            .env("MYELIN_DATABASE_URL", &database_url)
-            .env("MYELIN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))
-            .map_err(StartError::Fatal)?;
+        let child = spawn_server(binary, &env, log).map_err(StartError::Fatal)?;
 
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -125,9 +154,12 @@ impl TestServer {
                 backend,
                 http,
                 log_path,
+                binary: binary.to_owned(),
+                env,
+                database_url,
                 child: Mutex::new(Some(child)),
                 database: Mutex::new(database),
-                _data_dir: data_dir,
+                data_dir,
             }),
         };
         server.wait_until_ready().await?;
@@ -169,6 +201,140 @@ impl TestServer {
     fn exit_status(&self) -> Option<std::process::ExitStatus> {
         let mut child = self.inner.child.lock().ok()?;
         child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// The process ID of the running server, or `None` once it has been
+    /// stopped.
+    pub fn pid(&self) -> Option<u32> {
+        let child = self.inner.child.lock().ok()?;
+        child.as_ref().map(Child::id)
+    }
+
+    /// The server's data directory (`MYELIN_DATA_DIR`).
+    pub fn data_dir(&self) -> &Path {
+        self.inner.data_dir.path()
+    }
+
+    /// The database URL the server was started with (`MYELIN_DATABASE_URL`).
+    pub fn database_url(&self) -> &str {
+        &self.inner.database_url
+    }
+
+    /// The `myelin` executable the server runs.
+    pub fn binary(&self) -> &Path {
+        &self.inner.binary
+    }
+
+    /// The environment the server was started with, overrides applied.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.inner.env
+    }
+
+    /// A command for the same binary with the same `MYELIN_*` environment
+    /// (so the same data directory and database) and stdin closed; add the
+    /// arguments, e.g. `["user", "create", "carol", "--password", "pw"]`.
+    pub fn cli_command(&self) -> Command {
+        let mut command = Command::new(&self.inner.binary);
+        command.envs(self.inner.env.iter().map(|(k, v)| (k, v)));
+        command.stdin(Stdio::null());
+        command
+    }
+
+    /// Runs [`cli_command`](TestServer::cli_command) with `args` to
+    /// completion (at most 60 s) and returns its exit status and captured
+    /// output.
+    pub async fn run_cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut command = tokio::process::Command::from(self.cli_command());
+        command.args(args).kill_on_drop(true);
+        tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .map_err(|_| anyhow!("myelin {args:?} did not finish within 60 s"))?
+            .with_context(|| format!("running myelin {args:?}"))
+    }
+
+    /// Sends SIGTERM to the server process (it should shut down gracefully).
+    /// Does nothing once the process has been stopped.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
+        // own child, which is not reaped until `wait_for_exit` or drop.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            bail!("kill({pid}, SIGTERM): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `within` for the server process to exit and returns its
+    /// status; the process is then forgotten (so [`pid`](TestServer::pid)
+    /// is `None` and drop has nothing to kill). Errors if it is still
+    /// running after `within` (drop will then kill it).
+    pub async fn wait_for_exit(&self, within: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            {
+                let mut slot = self
+                    .inner
+                    .child
+                    .lock()
+                    .map_err(|_| anyhow!("child lock poisoned"))?;
+                let child = slot.as_mut().context("the server process is not running")?;
+                if let Some(status) = child.try_wait().context("waiting for myelin")? {
+                    slot.take();
+                    return Ok(status);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("myelin did not exit within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then [`wait_for_exit`](TestServer::wait_for_exit).
+    pub async fn stop(&self, within: Duration) -> anyhow::Result<ExitStatus> {
+        self.terminate()?;
+        self.wait_for_exit(within).await
+    }
+
+    /// Starts a new server process on the same data directory, database,
+    /// port and environment, stopping the current one first (SIGTERM, at
+    /// most 10 s) if it still runs, and waits until it answers. Its output
+    /// is appended to the same log.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        if self.pid().is_some() {
+            let status = self.stop(Duration::from_secs(10)).await?;
+            if !status.success() {
+                bail!("myelin exited with {status} when stopped for a restart");
+            }
+        }
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            let log = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&self.inner.log_path)
+                .context("opening the server log")?;
+            let child = spawn_server(&self.inner.binary, &self.inner.env, log)?;
+            *self
+                .inner
+                .child
+                .lock()
+                .map_err(|_| anyhow!("child lock poisoned"))? = Some(child);
+            match self.wait_until_ready().await {
+                Ok(()) => return Ok(()),
+                Err(StartError::Fatal(err)) => return Err(err),
+                Err(StartError::ExitedEarly(err)) => {
+                    // The port may be briefly taken; the process is dead.
+                    self.inner.child.lock().ok().and_then(|mut c| c.take());
+                    last_error = Some(err);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("server did not restart")))
     }
 
     /// `http://127.0.0.1:<port>`, no trailing slash.
@@ -317,6 +483,19 @@ impl From<anyhow::Error> for StartError {
     fn from(err: anyhow::Error) -> Self {
         StartError::Fatal(err)
     }
+}
+
+/// Spawns `binary` with the variables in `env` added to the inherited
+/// environment, no arguments, and stdout and stderr going to `log`.
+fn spawn_server(binary: &Path, env: &[(String, String)], log: File) -> anyhow::Result<Child> {
+    let log_err = log.try_clone().context("cloning the log handle")?;
+    Command::new(binary)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .with_context(|| format!("spawning {}", binary.display()))
 }
 
 /// A port that was free a moment ago.

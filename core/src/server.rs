@@ -54,6 +54,9 @@ pub struct StoredEvent {
     pub state_before: Option<i64>,
     pub state_after: Option<i64>,
     pub redacted_by: Option<String>,
+    /// `(device_id, txn_id)` of a client send, when known without asking the database: `Some`
+    /// for events sent since start (`Some(None)`: sent without a transaction ID).
+    pub txn: Option<Option<(String, String)>>,
 }
 
 /// The tip of a room: what the next local event builds on.
@@ -64,6 +67,17 @@ struct RoomHead {
     state_group: i64,
     chain_len: i64,
     state: Arc<StateMap>,
+    /// Identifies this head since it was loaded; a failed write discards the head, and the
+    /// writer drops queued writes built on a discarded generation.
+    generation: u64,
+    /// Events built on this head whose commit is still in flight: `nid → (position, PDU)`.
+    pending: HashMap<i64, (i64, Arc<Pdu>)>,
+}
+
+static HEAD_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    HEAD_GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 
 /// One event to append.
@@ -107,6 +121,8 @@ pub struct Server {
     writer: tokio::sync::mpsc::UnboundedSender<WriteJob>,
     /// `user → membership` of each room whose members were loaded.
     members: RwLock<HashMap<i64, Arc<HashMap<String, String>>>>,
+    /// Client transaction IDs sent since start.
+    pub txns: TxnCache,
     /// Access-token cache.
     pub tokens: crate::accounts::TokenCache,
     /// Set when the server is shutting down: long-polls answer at once.
@@ -122,13 +138,12 @@ impl Server {
             Store::connect(&config.database_url(), config.database_max_connections).await?,
         );
         let (writer, jobs) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(run_writer(store.clone(), jobs));
         let key = SigningKey::load_or_generate(&config.data_dir.join("signing.key"))?;
         let (max_stream, max_event, max_group) = store.max_ids().await?;
         let max_ad = store.max_account_data_stream().await?;
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
-        Ok(Arc::new(Server {
+        let server = Arc::new(Server {
             config,
             server_name,
             store,
@@ -151,8 +166,11 @@ impl Server {
             writer,
             members: RwLock::default(),
             tokens: Default::default(),
+            txns: Default::default(),
             shutting_down: Default::default(),
-        }))
+        });
+        tokio::spawn(run_writer(Arc::downgrade(&server), jobs));
+        Ok(server)
     }
 
     pub fn server_name(&self) -> &str {
@@ -258,6 +276,7 @@ impl Server {
             state_before: row.state_before,
             state_after: row.state_after,
             redacted_by: row.redacted_by,
+            txn: None,
         });
         self.cache_event(ev.clone());
         Ok(ev)
@@ -487,6 +506,8 @@ impl Server {
                 state_group: group,
                 chain_len,
                 state,
+                generation: next_generation(),
+                pending: HashMap::new(),
             });
         }
         slot.as_ref().ok_or_else(|| Error::internal("head"))
@@ -560,6 +581,8 @@ impl Server {
             state_group: 0,
             chain_len: 0,
             state: Arc::new(StateMap::new()),
+            generation: next_generation(),
+            pending: HashMap::new(),
         };
         let mut all = vec![Built {
             pdu: Arc::new(create),
@@ -583,8 +606,15 @@ impl Server {
         }
         let lock = self.head_lock(room_nid);
         let mut guard = lock.lock().await;
-        let stored = self.write_batch(&room, true, all, applied, &head).await?;
+        let generation = head.generation;
+        self.members
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room_nid, Arc::new(HashMap::new()));
+        let done = self.enqueue_write(&room, true, all, applied, &mut head)?;
         *guard = Some(head);
+        drop(guard);
+        let stored = self.await_write(&room, generation, done).await?;
         self.rooms
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -606,7 +636,15 @@ impl Server {
         let lock = self.head_lock(room.nid);
         let mut guard = lock.lock().await;
         let mut head = self.load_head(room, &mut guard).await?.clone();
-        let mut local = HashMap::new();
+        // Forget in-flight events that have committed since; the rest stay visible to the
+        // auth checks of events built on top of them.
+        let committed = self.events_stream.current();
+        head.pending.retain(|_, (pos, _)| *pos > committed);
+        let mut local: HashMap<i64, Arc<Pdu>> = head
+            .pending
+            .iter()
+            .map(|(n, (_, p))| (*n, p.clone()))
+            .collect();
         let mut built_all = Vec::with_capacity(items.len());
         let mut applied = Vec::with_capacity(items.len());
         for item in items {
@@ -617,11 +655,15 @@ impl Server {
             );
             built_all.push(built);
         }
-        let stored = self
-            .write_batch(room, false, built_all, applied, &head)
-            .await?;
+        let generation = head.generation;
+        // The members are cached before the write, so the commit can wake them at once.
+        self.members(room.nid).await?;
+        let done = self.enqueue_write(room, false, built_all, applied, &mut head)?;
         *guard = Some(head);
-        Ok(stored)
+        drop(guard);
+        // The room is free for the next event while this one commits (pipelining: consecutive
+        // events of a room can share one group commit).
+        self.await_write(room, generation, done).await
     }
 
     /// Builds, signs and authorises one event on `head`.
@@ -793,15 +835,16 @@ impl Server {
         })
     }
 
-    /// Hands a room's built events to the group-commit writer and waits for the commit.
-    async fn write_batch(
+    /// Allocates stream positions and queues a room's built events for the group-commit
+    /// writer. Called under the room's head lock, so a room's writes queue in order.
+    fn enqueue_write(
         &self,
         room: &Arc<RoomInfo>,
         new_room: bool,
         built: Vec<Built>,
         applied: Vec<Applied>,
-        head: &RoomHead,
-    ) -> Result<Vec<Arc<StoredEvent>>> {
+        head: &mut RoomHead,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<Arc<StoredEvent>>>>> {
         let positions = self.events_stream.allocate(built.len());
         let mut write = RoomWrite {
             room_nid: room.nid,
@@ -852,19 +895,65 @@ impl Server {
                     .push((*target, json.clone(), pdu.event_id.to_string()));
             }
         }
-        let (reply, done) = tokio::sync::oneshot::channel();
-        let sent = self.writer.send(WriteJob { room: write, reply });
-        let result = match sent {
-            Ok(()) => done
-                .await
-                .unwrap_or_else(|_| Err(Error::internal("writer stopped"))),
-            Err(_) => Err(Error::internal("writer stopped")),
-        };
-        if let Err(e) = result {
-            self.events_stream.complete(&positions);
-            return Err(e);
+        for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
+            head.pending.insert(a.nid, (*pos, b.pdu.clone()));
         }
-        // Committed: publish to caches, then to the stream, then wake.
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let job = WriteJob {
+            room: write,
+            generation: head.generation,
+            publish: Publish {
+                room: room.clone(),
+                built,
+                applied,
+                positions: positions.clone(),
+                tip_group: head.state_group,
+            },
+            reply,
+        };
+        if self.writer.send(job).is_err() {
+            self.events_stream.complete(&positions);
+            return Err(Error::internal("writer stopped"));
+        }
+        Ok(done)
+    }
+
+    /// Waits for a queued write; on failure the room's head is discarded (reloaded from the
+    /// database by the next event), since it includes the events that were not written.
+    async fn await_write(
+        &self,
+        room: &Arc<RoomInfo>,
+        generation: u64,
+        done: tokio::sync::oneshot::Receiver<Result<Vec<Arc<StoredEvent>>>>,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let result = done
+            .await
+            .unwrap_or_else(|_| Err(Error::internal("writer stopped")));
+        if result.is_err() {
+            let lock = self.head_lock(room.nid);
+            let mut guard = lock.lock().await;
+            if guard.as_ref().is_some_and(|h| h.generation == generation) {
+                *guard = None;
+            }
+            // Membership caches may have run ahead of the database.
+            self.members
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&room.nid);
+        }
+        result
+    }
+
+    /// After a commit (called by the writer, in commit order): fills the caches, advances the
+    /// room's tip and the stream position, and wakes the users concerned.
+    fn publish(self: &Arc<Self>, p: Publish) -> Vec<Arc<StoredEvent>> {
+        let Publish {
+            room,
+            built,
+            applied,
+            positions,
+            tip_group,
+        } = p;
         let mut stored = Vec::with_capacity(built.len());
         let mut member_changes = Vec::new();
         for ((b, a), pos) in built.into_iter().zip(applied).zip(&positions) {
@@ -893,6 +982,7 @@ impl Server {
                         .unwrap_or(a.state_before),
                 ),
                 redacted_by: None,
+                txn: Some(b.sender_txn.map(|(d, _, t)| (d, t))),
                 pdu: b.pdu,
             });
             self.cache_event(ev.clone());
@@ -912,10 +1002,6 @@ impl Server {
                 None
             }
         };
-        let members = match members {
-            Some(m) => m,
-            None => self.members(room.nid).await?,
-        };
         if let Some(last) = positions.last() {
             self.room_positions
                 .write()
@@ -926,12 +1012,31 @@ impl Server {
             self.room_tips
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(room.nid, (*last, head.state_group));
+                .insert(room.nid, (*last, tip_group));
         }
         self.events_stream.complete(&positions);
         // Everyone with a membership (joined, invited, knocking, just left) hears of it.
-        self.notifier.wake(members.keys().map(|s| s.as_str()));
-        Ok(stored)
+        match members {
+            Some(m) => self.notifier.wake(m.keys().map(|s| s.as_str())),
+            None => {
+                // The members were dropped from the cache meanwhile: load them, then wake.
+                let server = self.clone();
+                let room_nid = room.nid;
+                tokio::spawn(async move {
+                    match server.members(room_nid).await {
+                        Ok(m) => server.notifier.wake(m.keys().map(|s| s.as_str())),
+                        Err(e) => tracing::warn!(error = %e, "loading members to wake"),
+                    }
+                });
+            }
+        }
+        stored
+    }
+
+    /// Answers a job that will not be written.
+    fn reject(&self, job: WriteJob, e: Error) {
+        self.events_stream.complete(&job.publish.positions);
+        let _ = job.reply.send(Err(e));
     }
 
     /// Wakes a user's syncs (after account data and similar per-user changes).
@@ -943,41 +1048,95 @@ impl Server {
 /// One room's events waiting for the group-commit writer.
 struct WriteJob {
     room: RoomWrite,
-    reply: tokio::sync::oneshot::Sender<Result<()>>,
+    /// The head generation the events were built on.
+    generation: u64,
+    publish: Publish,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<Arc<StoredEvent>>>>,
 }
 
-/// Most rooms written in one transaction.
-const MAX_BATCH_ROOMS: usize = 256;
+/// What [`Server::publish`] needs once a job has committed.
+struct Publish {
+    room: Arc<RoomInfo>,
+    built: Vec<Built>,
+    applied: Vec<Applied>,
+    positions: Vec<i64>,
+    tip_group: i64,
+}
+
+/// Most rooms' jobs written in one transaction.
+const MAX_BATCH_JOBS: usize = 512;
 
 /// The group-commit writer: takes every job that is waiting, writes them in one transaction,
-/// answers each. If a batch fails, its jobs are retried one by one so that one bad job fails
-/// alone.
-async fn run_writer(store: Arc<Store>, mut jobs: tokio::sync::mpsc::UnboundedReceiver<WriteJob>) {
+/// publishes and answers each in order. If a batch fails, its jobs are retried one by one so
+/// that one bad job fails alone; jobs built on top of a failed one (same room, same head
+/// generation) fail with it, never reaching the database.
+async fn run_writer(
+    server: std::sync::Weak<Server>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<WriteJob>,
+) {
+    let mut failed: std::collections::HashSet<(i64, u64)> = Default::default();
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_ROOMS {
+        while batch.len() < MAX_BATCH_JOBS {
             match jobs.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
         }
-        let (rooms, replies): (Vec<RoomWrite>, Vec<_>) =
-            batch.into_iter().map(|j| (j.room, j.reply)).unzip();
-        match store.write_rooms(&rooms).await {
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        if failed.len() > 10_000 {
+            failed.clear();
+        }
+        let (live, doomed): (Vec<WriteJob>, Vec<WriteJob>) = batch
+            .into_iter()
+            .partition(|j| !failed.contains(&(j.room.room_nid, j.generation)));
+        for j in doomed {
+            server.reject(
+                j,
+                Error::internal("an earlier event of this room failed to commit"),
+            );
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let rooms: Vec<RoomWrite> = live.iter().map(|j| j.room.clone()).collect();
+        match server.store.write_rooms(&rooms).await {
             Ok(()) => {
-                for r in replies {
-                    let _ = r.send(Ok(()));
+                for j in live {
+                    let stored = server.publish(j.publish);
+                    let _ = j.reply.send(Ok(stored));
                 }
             }
-            Err(e) if rooms.len() == 1 => {
-                if let Some(r) = replies.into_iter().next() {
-                    let _ = r.send(Err(e));
+            Err(e) if live.len() == 1 => {
+                if let Some(j) = live.into_iter().next() {
+                    failed.insert((j.room.room_nid, j.generation));
+                    server.reject(j, e);
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, rooms = rooms.len(), "batch write failed; retrying singly");
-                for (room, reply) in rooms.into_iter().zip(replies) {
-                    let _ = reply.send(store.write_rooms(std::slice::from_ref(&room)).await);
+                tracing::warn!(error = %e, jobs = live.len(), "batch write failed; retrying singly");
+                for j in live {
+                    let key = (j.room.room_nid, j.generation);
+                    if failed.contains(&key) {
+                        server.reject(j, Error::internal("an earlier event of this room failed"));
+                        continue;
+                    }
+                    match server
+                        .store
+                        .write_rooms(std::slice::from_ref(&j.room))
+                        .await
+                    {
+                        Ok(()) => {
+                            let stored = server.publish(j.publish);
+                            let _ = j.reply.send(Ok(stored));
+                        }
+                        Err(e) => {
+                            failed.insert(key);
+                            server.reject(j, e);
+                        }
+                    }
                 }
             }
         }
@@ -1003,6 +1162,45 @@ struct Applied {
     state_before: i64,
     new_group: Option<AppliedGroup>,
     state_after: Arc<StateMap>,
+}
+
+/// `(user, device, scope, txn_id) → event ID` of client sends since start (bounded); the
+/// database's `event_txns` remains the authority across restarts.
+#[derive(Default)]
+pub struct TxnCache {
+    map: std::sync::Mutex<HashMap<(String, String, String, String), String>>,
+}
+
+impl TxnCache {
+    pub fn get(&self, user: &str, device: &str, scope: &str, txn: &str) -> Option<String> {
+        let key = (
+            user.to_owned(),
+            device.to_owned(),
+            scope.to_owned(),
+            txn.to_owned(),
+        );
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
+    pub fn put(&self, user: &str, device: &str, scope: &str, txn: &str, event_id: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= 100_000 {
+            map.clear();
+        }
+        map.insert(
+            (
+                user.to_owned(),
+                device.to_owned(),
+                scope.to_owned(),
+                txn.to_owned(),
+            ),
+            event_id.to_owned(),
+        );
+    }
 }
 
 /// A random alphanumeric string (IDs, tokens).

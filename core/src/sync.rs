@@ -33,6 +33,17 @@ pub struct SyncRequest {
 const DEFAULT_TIMELINE_LIMIT: i64 = 10;
 const MAX_TIMELINE_LIMIT: i64 = 500;
 
+/// The timeline limit a filter asks for (default 10).
+fn timeline_limit(filter: &Filter) -> i64 {
+    filter
+        .room
+        .timeline
+        .limit
+        .map(|l| l as i64)
+        .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+        .clamp(1, MAX_TIMELINE_LIMIT)
+}
+
 impl Server {
     /// The positions of every stream now.
     pub fn current_token(&self) -> SyncToken {
@@ -127,6 +138,41 @@ impl Server {
         }
 
         let memberships = self.store.rooms_of_user(&req.user_id).await?;
+        // The first timeline page of every joined room that will be reported, in one query.
+        let tf_limit = timeline_limit(&req.filter);
+        let wanted: Vec<(i64, i64)> = memberships
+            .iter()
+            .filter(|m| m.membership == "join" && m.stream_ordering <= now.events)
+            .filter(|m| {
+                initial
+                    || req.full_state
+                    || m.stream_ordering > since.events
+                    || self.room_position(m.room_nid) > since.events
+            })
+            .map(|m| {
+                (
+                    m.room_nid,
+                    if m.stream_ordering > since.events {
+                        0
+                    } else {
+                        since.events
+                    },
+                )
+            })
+            .collect();
+        let mut prefetched: HashMap<i64, Vec<crate::store::EventRow>> = HashMap::new();
+        if wanted.len() > 1 {
+            let rows = self
+                .store
+                .rooms_events_stream_desc(&wanted, now.events, (tf_limit + 1) * 2)
+                .await?;
+            for (room, _) in &wanted {
+                prefetched.entry(*room).or_default();
+            }
+            for row in rows {
+                prefetched.entry(row.room_nid).or_default().push(row);
+            }
+        }
         for m in memberships {
             if m.stream_ordering > now.events {
                 // Committed after `now` was read: the next sync reports it.
@@ -150,10 +196,10 @@ impl Server {
                         .room_sync(
                             req,
                             &room,
-                            from,
-                            now.events,
+                            (from, now.events),
                             initial || newly || req.full_state,
                             &m,
+                            prefetched.remove(&room.nid),
                         )
                         .await?;
                     body.insert("account_data".into(), json!({ "events": ad_here }));
@@ -191,7 +237,7 @@ impl Server {
                     }
                     let from = if initial { 0 } else { since.events };
                     let mut body = self
-                        .room_sync(req, &room, from, m.stream_ordering, true, &m)
+                        .room_sync(req, &room, (from, m.stream_ordering), true, &m, None)
                         .await?;
                     body.insert("account_data".into(), json!({ "events": ad_here }));
                     leave.insert(rid, Value::Object(body));
@@ -222,17 +268,13 @@ impl Server {
         &self,
         req: &SyncRequest,
         room: &Arc<RoomInfo>,
-        from: i64,
-        to: i64,
+        (from, to): (i64, i64),
         full: bool,
         membership: &MembershipRow,
+        mut first_page: Option<Vec<crate::store::EventRow>>,
     ) -> Result<Map<String, Value>> {
         let tf = &req.filter.room.timeline;
-        let limit = tf
-            .limit
-            .map(|l| l as i64)
-            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
-            .clamp(1, MAX_TIMELINE_LIMIT);
+        let limit = timeline_limit(&req.filter);
         // Walk the window newest first until `limit` visible events pass the filter; one more
         // match means the timeline is limited.
         let current = Some(membership.membership.as_str());
@@ -243,10 +285,14 @@ impl Server {
         // The state before the oldest event read in the window.
         let mut window_first_before = None;
         'pages: loop {
-            let rows = self
-                .store
-                .room_events_stream_desc(room.nid, from, upper, batch)
-                .await?;
+            let rows = match first_page.take() {
+                Some(rows) => rows,
+                None => {
+                    self.store
+                        .room_events_stream_desc(room.nid, from, upper, batch)
+                        .await?
+                }
+            };
             let n = rows.len() as i64;
             let Some(last) = rows.last() else { break };
             upper = last.stream_ordering.unwrap_or(from) - 1;
@@ -448,18 +494,25 @@ impl Server {
         viewer: &str,
         device: &str,
     ) -> Result<Vec<Value>> {
-        let own: Vec<i64> = events
+        // Transaction IDs of the viewer's own events; the database is asked only about events
+        // loaded from it.
+        let unknown: Vec<i64> = events
             .iter()
-            .filter(|e| e.pdu.sender.as_str() == viewer)
+            .filter(|e| e.pdu.sender.as_str() == viewer && e.txn.is_none())
             .map(|e| e.nid)
             .collect();
-        let txns: HashMap<i64, (String, String)> = self
+        let mut txns: HashMap<i64, (String, String)> = self
             .store
-            .txn_of_events(&own)
+            .txn_of_events(&unknown)
             .await?
             .into_iter()
             .map(|(n, d, t)| (n, (d, t)))
             .collect();
+        for e in events {
+            if let Some(Some(dt)) = &e.txn {
+                txns.insert(e.nid, dt.clone());
+            }
+        }
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             let mut unsigned = Map::new();

@@ -274,6 +274,75 @@ async fn redaction_rewrites_stored_content(kind: &str) {
     b.finish().await;
 }
 
+async fn a_failed_commit_discards_the_head(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let alice = uid("alice");
+    let room = new_room(&server, &alice).await;
+    let with_txn = |body: &str| Append {
+        sender: alice.clone(),
+        event: NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": body}))
+            .unwrap(),
+        txn: Some(("DEV".into(), "send/r/m.room.message".into(), "t1".into())),
+    };
+    let first = server
+        .append(&room, vec![with_txn("one")])
+        .await
+        .unwrap()
+        .remove(0);
+    // The same transaction again reaches the database's unique key and fails to commit.
+    assert!(server.append(&room, vec![with_txn("two")]).await.is_err());
+    // The room goes on from the last committed event, not from the failed one.
+    let next = server
+        .append(&room, vec![msg(&alice, "three")])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(next.pdu.prev_events, vec![first.pdu.event_id.clone()]);
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(server.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 6, "4 initial + one + three");
+    server.store.close().await;
+    b.finish().await;
+}
+
+/// Concurrent sends to one room share group commits and keep a single linear history.
+async fn concurrent_sends_stay_linear(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let alice = uid("alice");
+    let room = new_room(&server, &alice).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (server, room, alice) = (server.clone(), room.clone(), alice.clone());
+        tasks.push(tokio::spawn(async move {
+            server
+                .append(&room, vec![msg(&alice, &format!("m{i}"))])
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rows = server
+        .store
+        .room_events_stream_desc(room.nid, 0, i64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 54);
+    // Newest first: each event's single prev_event is the one before it.
+    let events = server.events_from_rows(rows).await.unwrap();
+    for pair in events.windows(2) {
+        assert_eq!(pair[0].pdu.prev_events, vec![pair[1].pdu.event_id.clone()]);
+        assert_eq!(pair[0].depth, pair[1].depth + 1);
+    }
+    server.store.close().await;
+    b.finish().await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod sqlite {
@@ -289,5 +358,7 @@ both_backends!(
     events_persist_and_survive_a_restart,
     state_snapshots_share_structure,
     refused_events_change_nothing,
-    redaction_rewrites_stored_content
+    redaction_rewrites_stored_content,
+    a_failed_commit_discards_the_head,
+    concurrent_sends_stay_linear
 );

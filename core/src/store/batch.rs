@@ -121,6 +121,9 @@ async fn insert_rows(
 impl Store {
     /// Writes a batch of rooms' events in one transaction.
     pub async fn write_rooms(&self, rooms: &[RoomWrite]) -> Result<()> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
         let mut w = self.write().await?;
         let tx = &mut w.tx;
         let new_rooms: Vec<Vec<V>> = rooms

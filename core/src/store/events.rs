@@ -239,3 +239,38 @@ impl Store {
         .flatten())
     }
 }
+
+impl Store {
+    /// For each `(room_nid, from)`, the room's newest events with `from < stream_ordering ≤ to`,
+    /// at most `limit` per room, newest first — one round trip for many rooms.
+    pub async fn rooms_events_stream_desc(
+        &self,
+        rooms: &[(i64, i64)],
+        to: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>> {
+        let mut out = Vec::new();
+        for chunk in rooms.chunks(100) {
+            let parts: Vec<String> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (room, from))| {
+                    format!(
+                        "SELECT * FROM (SELECT {EVENT_COLS} FROM events WHERE room_nid = {room} \
+                         AND stream_ordering > {from} AND stream_ordering <= {to} AND outlier = 0 \
+                         ORDER BY stream_ordering DESC LIMIT {limit}) AS r{i}"
+                    )
+                })
+                .collect();
+            let sql = parts.join(" UNION ALL ");
+            out.extend(
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(self.pool())
+                    .await?
+                    .into_iter()
+                    .map(event_row),
+            );
+        }
+        Ok(out)
+    }
+}
