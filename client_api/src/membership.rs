@@ -220,10 +220,7 @@ pub async fn forget(
             "You must leave the room before forgetting it",
         ),
         Some(_) => {
-            server
-                .store
-                .forget_room(room.nid, auth.user_id.as_str())
-                .await?;
+            server.forget_room(room.nid, auth.user_id.as_str()).await?;
             Ok(Json(json!({})))
         }
         None => err(ErrorKind::NotFound, "You were never in this room"),

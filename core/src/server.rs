@@ -90,6 +90,8 @@ pub struct Append {
 }
 
 const MAX_CACHED_EVENTS: usize = 100_000;
+/// Events kept per room for syncs woken by new events.
+const RECENT_PER_ROOM: usize = 64;
 const MAX_PREV_EVENTS: usize = 10;
 
 pub struct Server {
@@ -117,6 +119,14 @@ pub struct Server {
     /// `(stream position, state group after)` of each room's latest event, for rooms written
     /// since start (one lock, so the two are always read together).
     room_tips: RwLock<HashMap<i64, (i64, i64)>>,
+    /// The latest committed events of each room (in order), so a woken sync reads its slice
+    /// from memory: `(position below which the buffer is complete, events)`.
+    recent: RwLock<HashMap<i64, (i64, std::collections::VecDeque<Arc<StoredEvent>>)>>,
+    /// Bumped by every committed membership change, so a cache filled from a read that raced
+    /// with one is not kept.
+    membership_epoch: std::sync::atomic::AtomicU64,
+    /// Each user's memberships, loaded on demand and dropped when one of them changes.
+    user_rooms: RwLock<HashMap<String, Arc<Vec<crate::store::MembershipRow>>>>,
     /// The group-commit writer's queue.
     writer: tokio::sync::mpsc::UnboundedSender<WriteJob>,
     /// `user → membership` of each room whose members were loaded.
@@ -163,6 +173,9 @@ impl Server {
             event_nids: RwLock::default(),
             room_positions: RwLock::new(room_positions),
             room_tips: RwLock::default(),
+            recent: RwLock::default(),
+            user_rooms: RwLock::default(),
+            membership_epoch: Default::default(),
             writer,
             members: RwLock::default(),
             tokens: Default::default(),
@@ -455,6 +468,7 @@ impl Server {
         {
             return Ok(m.clone());
         }
+        let epoch = self.membership_epoch.load(Ordering::Acquire);
         let map: HashMap<String, String> = self
             .store
             .room_members(room_nid)
@@ -463,10 +477,13 @@ impl Server {
             .map(|m| (m.user_id, m.membership))
             .collect();
         let map = Arc::new(map);
-        self.members
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(room_nid, map.clone());
+        // A membership change committed meanwhile may be missing from what was read.
+        if self.membership_epoch.load(Ordering::Acquire) == epoch {
+            self.members
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room_nid, map.clone());
+        }
         Ok(map)
     }
 
@@ -1002,6 +1019,32 @@ impl Server {
                 None
             }
         };
+        {
+            let prev = self.room_position(room.nid);
+            let mut recent = self.recent.write().unwrap_or_else(|e| e.into_inner());
+            let (complete_after, buf) = recent
+                .entry(room.nid)
+                .or_insert_with(|| (prev, Default::default()));
+            if stored.iter().any(|e| e.pdu.redacts.is_some()) {
+                // A redaction rewrites an earlier event: start the buffer afresh after it.
+                buf.clear();
+                *complete_after = positions.last().copied().unwrap_or(prev);
+            } else {
+                buf.extend(stored.iter().cloned());
+                while buf.len() > RECENT_PER_ROOM {
+                    if let Some(old) = buf.pop_front() {
+                        *complete_after = old.stream_ordering.unwrap_or(*complete_after);
+                    }
+                }
+            }
+        }
+        if !member_changes.is_empty() {
+            self.membership_epoch.fetch_add(1, Ordering::AcqRel);
+            let mut users = self.user_rooms.write().unwrap_or_else(|e| e.into_inner());
+            for (u, _) in &member_changes {
+                users.remove(u);
+            }
+        }
         if let Some(last) = positions.last() {
             self.room_positions
                 .write()
@@ -1031,6 +1074,62 @@ impl Server {
             }
         }
         stored
+    }
+
+    /// A room's events with `from < position ≤ to`, oldest first, if the in-memory buffer holds
+    /// all of them.
+    pub fn recent_events(
+        &self,
+        room_nid: i64,
+        from: i64,
+        to: i64,
+    ) -> Option<Vec<Arc<StoredEvent>>> {
+        let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
+        let (complete_after, buf) = recent.get(&room_nid)?;
+        if from < *complete_after {
+            return None;
+        }
+        Some(
+            buf.iter()
+                .filter(|e| e.stream_ordering.is_some_and(|p| p > from && p <= to))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// A user's memberships (cached; dropped whenever one of them changes).
+    pub async fn user_memberships(
+        &self,
+        user_id: &str,
+    ) -> Result<Arc<Vec<crate::store::MembershipRow>>> {
+        if let Some(m) = self
+            .user_rooms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user_id)
+        {
+            return Ok(m.clone());
+        }
+        let epoch = self.membership_epoch.load(Ordering::Acquire);
+        let rows = Arc::new(self.store.rooms_of_user(user_id).await?);
+        let mut cache = self.user_rooms.write().unwrap_or_else(|e| e.into_inner());
+        if self.membership_epoch.load(Ordering::Acquire) == epoch {
+            if cache.len() >= 100_000 {
+                cache.clear();
+            }
+            cache.insert(user_id.to_owned(), rows.clone());
+        }
+        Ok(rows)
+    }
+
+    /// Forgets a room for a user.
+    pub async fn forget_room(&self, room_nid: i64, user_id: &str) -> Result<()> {
+        self.store.forget_room(room_nid, user_id).await?;
+        self.user_rooms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(user_id);
+        Ok(())
     }
 
     /// Answers a job that will not be written.

@@ -137,7 +137,7 @@ impl Server {
             }
         }
 
-        let memberships = self.store.rooms_of_user(&req.user_id).await?;
+        let memberships = self.user_memberships(&req.user_id).await?;
         // The first timeline page of every joined room that will be reported, in one query.
         let tf_limit = timeline_limit(&req.filter);
         let wanted: Vec<(i64, i64)> = memberships
@@ -173,7 +173,7 @@ impl Server {
                 prefetched.entry(row.room_nid).or_default().push(row);
             }
         }
-        for m in memberships {
+        for m in memberships.iter().cloned() {
             if m.stream_ordering > now.events {
                 // Committed after `now` was read: the next sync reports it.
                 continue;
@@ -284,7 +284,27 @@ impl Server {
         let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
         // The state before the oldest event read in the window.
         let mut window_first_before = None;
+        // A woken sync usually finds its whole window among the room's recent events in
+        // memory; otherwise it pages through the database.
+        let in_memory = self.recent_events(room.nid, from, to);
+        if let Some(mut events) = in_memory.clone() {
+            events.reverse();
+            window_first_before = events.last().and_then(|e| e.state_before);
+            for ev in self.filter_visible(&req.user_id, current, events).await? {
+                if !tf.allows(&ev.pdu) {
+                    continue;
+                }
+                if timeline.len() as i64 == limit {
+                    limited = true;
+                    break;
+                }
+                timeline.push(ev);
+            }
+        }
         'pages: loop {
+            if in_memory.is_some() {
+                break;
+            }
             let rows = match first_page.take() {
                 Some(rows) => rows,
                 None => {

@@ -343,6 +343,60 @@ async fn concurrent_sends_stay_linear(kind: &str) {
     b.finish().await;
 }
 
+/// An incremental sync answered from the in-memory recent events equals the same sync
+/// answered from the database after a restart.
+async fn sync_from_memory_equals_sync_from_database(kind: &str) {
+    use myelin_core::sync::SyncRequest;
+    let b = Backend::new(kind).await;
+    let alice = uid("alice");
+    let req = |since| SyncRequest {
+        user_id: alice.to_string(),
+        device_id: "DEV".into(),
+        since,
+        full_state: false,
+        filter: Default::default(),
+        use_state_after: true,
+        timeout: std::time::Duration::ZERO,
+    };
+    let ids = |body: &serde_json::Value| -> Vec<String> {
+        let rooms = body["rooms"]["join"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        rooms
+            .values()
+            .flat_map(|r| {
+                r["timeline"]["events"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (since, from_memory) = {
+        let server = Server::open(b.config()).await.unwrap();
+        let room = new_room(&server, &alice).await;
+        let since = server.current_token();
+        for i in 0..5 {
+            server
+                .append(&room, vec![msg(&alice, &format!("m{i}"))])
+                .await
+                .unwrap();
+        }
+        let body = server.sync(&req(Some(since))).await.unwrap();
+        server.store.close().await;
+        (since, body)
+    };
+    assert_eq!(ids(&from_memory).len(), 5, "{from_memory}");
+    let server = Server::open(b.config()).await.unwrap();
+    let from_db = server.sync(&req(Some(since))).await.unwrap();
+    assert_eq!(ids(&from_memory), ids(&from_db));
+    assert_eq!(from_memory["next_batch"], from_db["next_batch"]);
+    server.store.close().await;
+    b.finish().await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod sqlite {
@@ -360,5 +414,6 @@ both_backends!(
     refused_events_change_nothing,
     redaction_rewrites_stored_content,
     a_failed_commit_discards_the_head,
-    concurrent_sends_stay_linear
+    concurrent_sends_stay_linear,
+    sync_from_memory_equals_sync_from_database
 );
