@@ -90,6 +90,9 @@ pub struct Append {
 }
 
 const MAX_CACHED_EVENTS: usize = 100_000;
+/// `(position after which the buffer is complete, the room's latest events in order)`.
+type RecentEvents = (i64, std::collections::VecDeque<Arc<StoredEvent>>);
+
 /// Events kept per room for syncs woken by new events.
 const RECENT_PER_ROOM: usize = 64;
 const MAX_PREV_EVENTS: usize = 10;
@@ -121,7 +124,7 @@ pub struct Server {
     room_tips: RwLock<HashMap<i64, (i64, i64)>>,
     /// The latest committed events of each room (in order), so a woken sync reads its slice
     /// from memory: `(position below which the buffer is complete, events)`.
-    recent: RwLock<HashMap<i64, (i64, std::collections::VecDeque<Arc<StoredEvent>>)>>,
+    recent: RwLock<HashMap<i64, RecentEvents>>,
     /// Bumped by every committed membership change, so a cache filled from a read that raced
     /// with one is not kept.
     membership_epoch: std::sync::atomic::AtomicU64,
