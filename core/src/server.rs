@@ -889,7 +889,6 @@ impl Server {
                 origin_server_ts: u64::from(pdu.origin_server_ts.0) as i64,
                 stream_ordering: *pos,
                 json: pdu.json.get().to_owned(),
-                prev_events: pdu.prev_events.iter().map(|e| e.to_string()).collect(),
                 state_before: a.state_before,
                 state_after: a
                     .new_group
@@ -1267,7 +1266,7 @@ struct Applied {
 }
 
 /// `(user, device, scope, txn_id) → event ID` of client sends since start (bounded); the
-/// database's `event_txns` remains the authority across restarts.
+/// database's unique key on events' transaction IDs remains the authority across restarts.
 #[derive(Default)]
 pub struct TxnCache {
     map: std::sync::Mutex<HashMap<(String, String, String, String), String>>,

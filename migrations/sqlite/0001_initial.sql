@@ -73,7 +73,9 @@ CREATE TABLE state_keys (
     UNIQUE (event_type, state_key)
 );
 
--- Every event exactly as signed (or as redacted), with its numeric id and positions.
+-- Every event exactly as signed (or as redacted), with its numeric id and positions. Its
+-- prev_events are in its JSON. A local client send also records its transaction ID: a retried
+-- PUT (same device, same path `txn_scope`, same txn ID) finds the event it made.
 CREATE TABLE events (
     event_nid       INTEGER PRIMARY KEY,
     event_id        TEXT NOT NULL UNIQUE,
@@ -89,34 +91,20 @@ CREATE TABLE events (
     redacted_by     TEXT,
     outlier         BIGINT NOT NULL DEFAULT 0,
     rejected        BIGINT NOT NULL DEFAULT 0,
-    json            TEXT NOT NULL
+    txn_device      TEXT,
+    txn_scope       TEXT,
+    txn_id          TEXT,
+    json            TEXT NOT NULL,
+    UNIQUE (sender, txn_device, txn_scope, txn_id)
 );
 CREATE INDEX events_room_stream ON events (room_nid, stream_ordering);
 CREATE INDEX events_room_topo ON events (room_nid, depth, stream_ordering);
-
-CREATE TABLE event_edges (
-    event_nid       BIGINT NOT NULL,
-    prev_event_id   TEXT NOT NULL,
-    PRIMARY KEY (event_nid, prev_event_id)
-);
 
 CREATE TABLE forward_extremities (
     room_nid        BIGINT NOT NULL,
     event_nid       BIGINT NOT NULL,
     PRIMARY KEY (room_nid, event_nid)
 );
-
--- Local client transaction IDs: a retried PUT (same device, same path) returns the same event.
--- `scope` is the rest of the request path (e.g. `send/!room/m.room.message`).
-CREATE TABLE event_txns (
-    user_id         TEXT NOT NULL,
-    device_id       TEXT NOT NULL,
-    scope           TEXT NOT NULL,
-    txn_id          TEXT NOT NULL,
-    event_nid       BIGINT NOT NULL,
-    PRIMARY KEY (user_id, device_id, scope, txn_id)
-);
-CREATE INDEX event_txns_event ON event_txns (event_nid);
 
 -- State snapshots: a group is its parent's state plus its own edits (structure sharing). Chains are
 -- cut at a bounded length by writing a full snapshot with no parent.

@@ -21,7 +21,6 @@ pub struct EventWrite {
     pub origin_server_ts: i64,
     pub stream_ordering: i64,
     pub json: String,
-    pub prev_events: Vec<String>,
     pub state_before: i64,
     pub state_after: i64,
     /// A new state group (for a state event).
@@ -192,7 +191,14 @@ impl Store {
 
         let rows: Vec<Vec<V>> = events()
             .map(|(room, e)| {
+                let (device, scope, txn) = match &e.txn {
+                    Some((_, d, s, t)) => (Some(d.clone()), Some(s.clone()), Some(t.clone())),
+                    None => (None, None, None),
+                };
                 vec![
+                    V::OS(device),
+                    V::OS(scope),
+                    V::OS(txn),
                     V::I(e.event_nid),
                     V::S(e.event_id.clone()),
                     V::I(room),
@@ -210,29 +216,14 @@ impl Store {
             .collect();
         insert_rows(
             tx,
-            "INSERT INTO events (event_nid, event_id, room_nid, stream_ordering, depth, event_type, \
-             state_key, sender, origin_server_ts, state_before, state_after, json)",
-            12,
+            "INSERT INTO events (txn_device, txn_scope, txn_id, event_nid, event_id, room_nid, \
+             stream_ordering, depth, event_type, state_key, sender, origin_server_ts, state_before, \
+             state_after, json)",
+            15,
             rows,
             "",
         )
         .await?;
-        let edges: Vec<Vec<V>> = events()
-            .flat_map(|(_, e)| {
-                e.prev_events
-                    .iter()
-                    .map(move |p| vec![V::I(e.event_nid), V::S(p.clone())])
-            })
-            .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO event_edges (event_nid, prev_event_id)",
-            2,
-            edges,
-            "",
-        )
-        .await?;
-
         // Forward extremities: each room's set is replaced by the one computed in memory.
         let room_list = rooms
             .iter()
@@ -327,27 +318,6 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
-        let txns: Vec<Vec<V>> = events()
-            .filter_map(|(_, e)| {
-                e.txn.as_ref().map(|(u, d, s, t)| {
-                    vec![
-                        V::S(u.clone()),
-                        V::S(d.clone()),
-                        V::S(s.clone()),
-                        V::S(t.clone()),
-                        V::I(e.event_nid),
-                    ]
-                })
-            })
-            .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_nid)",
-            5,
-            txns,
-            "",
-        )
-        .await?;
         for r in rooms {
             for (target, json, by) in &r.redactions {
                 sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_nid = $1")

@@ -88,8 +88,8 @@ impl Store {
         txn_id: &str,
     ) -> Result<Option<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT e.event_id FROM event_txns t JOIN events e ON e.event_nid = t.event_nid \
-             WHERE t.user_id = $1 AND t.device_id = $2 AND t.scope = $3 AND t.txn_id = $4",
+            "SELECT event_id FROM events WHERE sender = $1 AND txn_device = $2 AND txn_scope = $3 \
+             AND txn_id = $4",
         )
         .bind(user_id)
         .bind(device_id)
@@ -110,7 +110,8 @@ impl Store {
             .collect::<Vec<_>>()
             .join(",");
         let sql = format!(
-            "SELECT event_nid, device_id, txn_id FROM event_txns WHERE event_nid IN ({list})"
+            "SELECT event_nid, txn_device, txn_id FROM events WHERE event_nid IN ({list}) \
+             AND txn_id IS NOT NULL"
         );
         Ok(sqlx::query(AssertSqlSafe(sql))
             .fetch_all(self.pool())
