@@ -92,10 +92,11 @@ struct Args {
     /// Users that those devices are spread over.
     #[arg(long, default_value_t = 50)]
     longpoll_users: usize,
-    /// Hold every long-poll on one device (no logins): isolates the server's cost per held
-    /// poll from the memory that 1,000 password hashes leave behind.
+    /// Spread the long-polls over distinct devices (`--longpoll-users` users, logging each in
+    /// repeatedly). By default all polls use one device, so that the memory of 1,000 password
+    /// hashes (which the allocator returns only gradually) does not blur the figure.
     #[arg(long)]
-    longpoll_one_device: bool,
+    longpoll_distinct_devices: bool,
     /// Rooms of the `initial_sync` user.
     #[arg(long, default_value_t = 50)]
     initial_rooms: usize,
@@ -925,16 +926,21 @@ async fn longpoll_memory(cx: &Ctx) -> Result<Value> {
     let api = &cx.api;
     let conc = cx.args.concurrency;
     let n = cx.args.longpolls.max(1);
-    let nusers = cx.args.longpoll_users.clamp(1, n);
+    let one_device = !cx.args.longpoll_distinct_devices;
+    let nusers = if one_device {
+        1
+    } else {
+        cx.args.longpoll_users.clamp(1, n)
+    };
     let per_user = n.div_ceil(nusers);
     let users = api.register_many("lp", nusers, conc).await?;
     let room = api.create_room(&users[0], "public_chat").await?;
     api.join_all(&users[1..], &room, conc).await?;
 
     // Devices: each user's registration device plus logins up to `per_user` (or, with
-    // --longpoll-one-device, the first user's device for every poll).
+    // the default one-device mode, the first user's device for every poll).
     let mut jobs = Vec::new();
-    if !cx.args.longpoll_one_device {
+    if !one_device {
         for u in &users {
             for _ in 1..per_user {
                 jobs.push(u.localpart.clone());
@@ -948,7 +954,7 @@ async fn longpoll_memory(cx: &Ctx) -> Result<Value> {
         .try_collect()
         .await?;
     devices.extend(logged_in);
-    if cx.args.longpoll_one_device {
+    if one_device {
         devices = vec![users[0].clone(); n];
     }
     devices.truncate(n);
@@ -1057,8 +1063,8 @@ async fn longpoll_memory(cx: &Ctx) -> Result<Value> {
     let conclusive = kib_per_poll >= 0.0;
     if !conclusive {
         println!(
-            "{:<18} inconclusive: RSS fell while polls were held; rerun on a fresh server with \
-             --longpoll-one-device",
+            "{:<18} inconclusive: RSS fell while polls were held; rerun on a fresh server without \
+             --longpoll-distinct-devices",
             "longpoll_memory"
         );
     }
