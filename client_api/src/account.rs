@@ -82,14 +82,28 @@ pub async fn register(
     if body.inhibit_login {
         return Ok(Json(json!({ "user_id": user_id })).into_response());
     }
-    let device_id = body.device_id.unwrap_or_else(new_device_id);
+    let out = new_session(
+        &server,
+        user_id.as_str(),
+        body.device_id,
+        body.initial_device_display_name.as_deref(),
+        body.refresh_token,
+    )
+    .await?;
+    Ok(Json(out).into_response())
+}
+
+/// Starts a session on a (new or given) device: the body shared by register and login.
+async fn new_session(
+    server: &Server,
+    user_id: &str,
+    device_id: Option<String>,
+    display_name: Option<&str>,
+    with_refresh: bool,
+) -> ApiResult<Value> {
+    let device_id = device_id.unwrap_or_else(new_device_id);
     let tokens = server
-        .issue_tokens(
-            user_id.as_str(),
-            &device_id,
-            body.initial_device_display_name.as_deref(),
-            body.refresh_token,
-        )
+        .issue_tokens(user_id, &device_id, display_name, with_refresh)
         .await?;
     let mut out = json!({
         "user_id": user_id,
@@ -101,7 +115,7 @@ pub async fn register(
         out["refresh_token"] = json!(r);
         out["expires_in_ms"] = json!(tokens.expires_in_ms);
     }
-    Ok(Json(out).into_response())
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -172,26 +186,15 @@ pub async fn login(
     if !server.check_password(&user_id, &password).await? {
         return err(ErrorKind::Forbidden, "Invalid username or password");
     }
-    let device_id = body.device_id.unwrap_or_else(new_device_id);
-    let tokens = server
-        .issue_tokens(
-            &user_id,
-            &device_id,
-            body.initial_device_display_name.as_deref(),
-            body.refresh_token,
-        )
-        .await?;
-    let mut out = json!({
-        "user_id": user_id,
-        "access_token": tokens.access_token,
-        "device_id": device_id,
-        "home_server": server.server_name(),
-        "well_known": { "m.homeserver": { "base_url": server.config.public_base_url() } },
-    });
-    if let Some(r) = tokens.refresh_token {
-        out["refresh_token"] = json!(r);
-        out["expires_in_ms"] = json!(tokens.expires_in_ms);
-    }
+    let mut out = new_session(
+        &server,
+        &user_id,
+        body.device_id,
+        body.initial_device_display_name.as_deref(),
+        body.refresh_token,
+    )
+    .await?;
+    out["well_known"] = json!({ "m.homeserver": { "base_url": server.config.public_base_url() } });
     Ok(Json(out))
 }
 
@@ -252,15 +255,8 @@ pub async fn change_password(
     JsonBody(body): JsonBody<PasswordBody>,
 ) -> ApiResult<Response> {
     let uid = auth.user_id.as_str();
-    if let UiaOutcome::Challenge(r) = uia::check(
-        &server,
-        body.auth.as_ref(),
-        &[&["m.login.password"]],
-        Some(uid),
-    )
-    .await?
-    {
-        return Ok(r);
+    if let Some(challenge) = uia::confirm_password(&server, body.auth.as_ref(), uid).await? {
+        return Ok(challenge);
     }
     server.set_password(uid, &body.new_password).await?;
     if body.logout_devices {
@@ -282,15 +278,10 @@ pub async fn deactivate(
     JsonBody(body): JsonBody<DeactivateBody>,
 ) -> ApiResult<Response> {
     let uid = auth.user_id.clone();
-    if let UiaOutcome::Challenge(r) = uia::check(
-        &server,
-        body.auth.as_ref(),
-        &[&["m.login.password"]],
-        Some(uid.as_str()),
-    )
-    .await?
+    if let Some(challenge) =
+        uia::confirm_password(&server, body.auth.as_ref(), uid.as_str()).await?
     {
-        return Ok(r);
+        return Ok(challenge);
     }
     crate::membership::leave_all_rooms(&server, &uid).await?;
     server.store.set_deactivated(uid.as_str()).await?;

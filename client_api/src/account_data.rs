@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 
 use crate::{
-    error::ApiResult,
-    extract::{parse_id, Auth, JsonBody},
+    error::{matrix_error, ApiResult},
+    extract::{own_user, parse_id, Auth, JsonBody},
 };
 
 /// Account-data types the server manages; clients may read them but not set them.
@@ -28,25 +28,6 @@ const MAX_TAG_BYTES: usize = 255;
 
 /// Serialises the read-modify-write of `m.tag` (tag changes are rare; one lock is enough).
 static TAG_LOCK: Mutex<()> = Mutex::const_new(());
-
-/// A Matrix error with a status the core error kinds do not pair with its errcode (e.g. 405
-/// `M_BAD_JSON`, 409 `M_UNKNOWN`).
-pub(crate) fn matrix_error(status: StatusCode, errcode: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({ "errcode": errcode, "error": message })),
-    )
-        .into_response()
-}
-
-/// Parses the `{userId}` path segment and checks it is the caller (`M_FORBIDDEN` otherwise).
-fn own_user(auth: &Auth, user_id: &str) -> ApiResult<OwnedUserId> {
-    let user: OwnedUserId = parse_id(user_id, "user ID")?;
-    if user != auth.user_id {
-        return Err(Error::forbidden("Cannot access account data of other users").into());
-    }
-    Ok(user)
-}
 
 /// Writes account data and publishes it on the account-data stream.
 pub async fn write_account_data(
@@ -118,7 +99,7 @@ pub async fn get_global(
     auth: Auth,
     Path((user_id, data_type)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "account data")?;
     Ok(Json(read(&server, &user, "", &data_type).await?))
 }
 
@@ -129,7 +110,7 @@ pub async fn put_global(
     Path((user_id, data_type)): Path<(String, String)>,
     JsonBody(content): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "account data")?;
     put(&server, &user, "", &data_type, content).await
 }
 
@@ -139,7 +120,7 @@ pub async fn get_room(
     auth: Auth,
     Path((user_id, room_id, data_type)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "account data")?;
     let room: OwnedRoomId = parse_id(&room_id, "room ID")?;
     Ok(Json(read(&server, &user, room.as_str(), &data_type).await?))
 }
@@ -151,7 +132,7 @@ pub async fn put_room(
     Path((user_id, room_id, data_type)): Path<(String, String, String)>,
     JsonBody(content): JsonBody<Map<String, Value>>,
 ) -> ApiResult<Response> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "account data")?;
     let room: OwnedRoomId = parse_id(&room_id, "room ID")?;
     put(&server, &user, room.as_str(), &data_type, content).await
 }
@@ -181,7 +162,7 @@ fn validate_tag(tag: &str, content: &Map<String, Value>) -> ApiResult<()> {
 }
 
 fn tag_path(auth: &Auth, user_id: &str, room_id: &str) -> ApiResult<(OwnedUserId, OwnedRoomId)> {
-    let user = own_user(auth, user_id)?;
+    let user = own_user(auth, user_id, "account data")?;
     let room: OwnedRoomId = parse_id(room_id, "room ID")?;
     Ok((user, room))
 }

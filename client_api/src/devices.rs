@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::{
     error::ApiResult,
     extract::{Auth, JsonBody},
-    uia::{self, UiaOutcome},
+    uia,
 };
 
 /// A device in the client format; absent values are omitted.
@@ -98,15 +98,8 @@ pub async fn delete_one(
     JsonBody(body): JsonBody<DeleteOneBody>,
 ) -> ApiResult<Response> {
     let uid = auth.user_id.as_str();
-    if let UiaOutcome::Challenge(r) = uia::check(
-        &server,
-        body.auth.as_ref(),
-        &[&["m.login.password"]],
-        Some(uid),
-    )
-    .await?
-    {
-        return Ok(r);
+    if let Some(challenge) = uia::confirm_password(&server, body.auth.as_ref(), uid).await? {
+        return Ok(challenge);
     }
     server.delete_devices(uid, Some(&[device_id]), None).await?;
     Ok(Json(json!({})).into_response())
@@ -125,15 +118,8 @@ pub async fn delete_many(
     JsonBody(body): JsonBody<DeleteManyBody>,
 ) -> ApiResult<Response> {
     let uid = auth.user_id.as_str();
-    if let UiaOutcome::Challenge(r) = uia::check(
-        &server,
-        body.auth.as_ref(),
-        &[&["m.login.password"]],
-        Some(uid),
-    )
-    .await?
-    {
-        return Ok(r);
+    if let Some(challenge) = uia::confirm_password(&server, body.auth.as_ref(), uid).await? {
+        return Ok(challenge);
     }
     if !body.devices.is_empty() {
         server

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    account_data::matrix_error,
+    error::matrix_error,
     error::ApiResult,
     extract::{parse_id, Auth, JsonBody},
 };

@@ -36,6 +36,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A Matrix error with a status the core error kinds do not pair with its errcode (e.g. 405
+/// `M_BAD_JSON`, 409 `M_UNKNOWN`).
+pub fn matrix_error(status: StatusCode, errcode: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "errcode": errcode, "error": message })),
+    )
+        .into_response()
+}
+
 /// Shorthand for a Matrix error result.
 pub fn err<T>(kind: ErrorKind, message: impl Into<String>) -> ApiResult<T> {
     Err(ApiError(Error::new(kind, message)))

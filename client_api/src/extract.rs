@@ -9,7 +9,11 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Request},
     http::request::Parts,
 };
-use myelin_core::{accounts::Session, Error, ErrorKind, Server};
+use myelin_core::{
+    accounts::Session,
+    ruma::{OwnedRoomId, OwnedUserId},
+    Error, ErrorKind, RoomInfo, Server,
+};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -101,4 +105,23 @@ where
     T: for<'a> TryFrom<&'a str>,
 {
     T::try_from(s).map_err(|_| ApiError(Error::invalid_param(format!("Invalid {what}: {s}"))))
+}
+
+/// Parses the `{userId}` path segment and checks it is the caller (`M_FORBIDDEN` otherwise);
+/// `what` names what the caller may only touch of their own.
+pub fn own_user(auth: &Auth, user_id: &str, what: &str) -> Result<OwnedUserId, ApiError> {
+    let user: OwnedUserId = parse_id(user_id, "user ID")?;
+    if user != auth.user_id {
+        return Err(ApiError(Error::forbidden(format!(
+            "Cannot use {what} of other users"
+        ))));
+    }
+    Ok(user)
+}
+
+/// The room named by a `{roomId}` path segment: 400 `M_INVALID_PARAM` when malformed, 404
+/// `M_NOT_FOUND` when unknown.
+pub async fn room(server: &Server, room_id: &str) -> Result<Arc<RoomInfo>, ApiError> {
+    let id: OwnedRoomId = parse_id(room_id, "room ID")?;
+    Ok(server.room_or_404(&id).await?)
 }

@@ -8,12 +8,12 @@ use axum::{
     Json,
 };
 use myelin_core::{Error, Server};
-use ruma::{api::client::filter::FilterDefinition, OwnedUserId};
+use ruma::api::client::filter::FilterDefinition;
 use serde_json::{json, Value};
 
 use crate::{
     error::{ApiError, ApiResult},
-    extract::{parse_id, Auth, JsonBody},
+    extract::{own_user, Auth, JsonBody},
 };
 
 /// Checks a filter definition (a JSON object of the spec's `Filter` shape), `M_BAD_JSON` if
@@ -41,14 +41,6 @@ async fn stored_json(server: &Server, user_id: &str, filter_id: &str) -> ApiResu
     Ok(server.store.filter(user_id, id).await?)
 }
 
-fn own_user(auth: &Auth, user_id: &str) -> ApiResult<OwnedUserId> {
-    let user: OwnedUserId = parse_id(user_id, "user ID")?;
-    if user != auth.user_id {
-        return Err(Error::forbidden("Cannot use filters of other users").into());
-    }
-    Ok(user)
-}
-
 /// `POST /user/{userId}/filter`.
 pub async fn create(
     State(server): State<Arc<Server>>,
@@ -56,7 +48,7 @@ pub async fn create(
     Path(user_id): Path<String>,
     JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<Json<Value>> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "filters")?;
     parse_definition(&body)?;
     let id = server
         .store
@@ -71,7 +63,7 @@ pub async fn get(
     auth: Auth,
     Path((user_id, filter_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let user = own_user(&auth, &user_id)?;
+    let user = own_user(&auth, &user_id, "filters")?;
     let json = stored_json(&server, user.as_str(), &filter_id)
         .await?
         .ok_or_else(|| Error::not_found("Unknown filter"))?;

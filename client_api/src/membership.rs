@@ -10,7 +10,7 @@ use axum::{
 };
 use myelin_core::{
     pdu::NewEvent,
-    ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, UserId},
+    ruma::{OwnedRoomAliasId, OwnedUserId, UserId},
     token::SyncToken,
     Append, Error, ErrorKind, RoomInfo, Server,
 };
@@ -79,11 +79,6 @@ async fn set_membership(
     Ok(())
 }
 
-async fn room_for(server: &Server, room_id: &str) -> ApiResult<Arc<RoomInfo>> {
-    let id: OwnedRoomId = parse_id(room_id, "room ID")?;
-    Ok(server.room_or_404(&id).await?)
-}
-
 pub async fn join_by_id_or_alias(
     State(server): State<Arc<Server>>,
     auth: Auth,
@@ -97,9 +92,9 @@ pub async fn join_by_id_or_alias(
             .alias(alias.as_str())
             .await?
             .ok_or_else(|| Error::not_found("Room alias not found"))?;
-        room_for(&server, &room_id).await?
+        crate::extract::room(&server, &room_id).await?
     } else if target.starts_with('!') {
-        room_for(&server, &target).await?
+        crate::extract::room(&server, &target).await?
     } else {
         return err(ErrorKind::InvalidParam, "Expected a room ID or alias");
     };
@@ -112,7 +107,7 @@ pub async fn join(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     do_join(&server, &auth, &room, body.reason).await
 }
 
@@ -148,7 +143,7 @@ pub async fn invite(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let target: OwnedUserId = parse_id(&body.user_id, "user ID")?;
     if target.server_name().as_str() != server.server_name() {
         return err(
@@ -181,7 +176,7 @@ pub async fn leave(
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let current = server
         .store
         .membership(room.nid, auth.user_id.as_str())
@@ -209,7 +204,7 @@ pub async fn forget(
     auth: Auth,
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     match server
         .store
         .membership(room.nid, auth.user_id.as_str())
@@ -234,7 +229,7 @@ async fn moderate(
     body: TargetBody,
     membership: &str,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(server, room_id).await?;
+    let room = crate::extract::room(server, room_id).await?;
     let target: OwnedUserId = parse_id(&body.user_id, "user ID")?;
     if membership == "unban" {
         let current = server.store.membership(room.nid, target.as_str()).await?;
@@ -353,7 +348,7 @@ pub async fn members(
     Path(room_id): Path<String>,
     Query(q): Query<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let mut state = readable_state(&server, &room, auth.user_id.as_str()).await?;
     if let Some(at) = &q.at {
         let pos = SyncToken::parse(at).map(|t| t.events).or_else(|_| {
@@ -388,7 +383,7 @@ pub async fn joined_members(
     auth: Auth,
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let state = readable_state(&server, &room, auth.user_id.as_str()).await?;
     let mut joined = HashMap::new();
     for e in server.state_events(&state).await? {

@@ -9,11 +9,8 @@ use axum::{
     Json,
 };
 use myelin_core::{
-    filter::EventFilter,
-    pdu::NewEvent,
-    ruma::{OwnedEventId, OwnedRoomId},
-    token::PageToken,
-    Append, Error, ErrorKind, RoomInfo, Server, StoredEvent,
+    filter::EventFilter, pdu::NewEvent, ruma::OwnedEventId, token::PageToken, Append, Error,
+    ErrorKind, RoomInfo, Server, StoredEvent,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,11 +20,6 @@ use crate::{
     extract::{parse_id, Auth, JsonBody},
     membership::readable_state,
 };
-
-async fn room_for(server: &Server, room_id: &str) -> ApiResult<Arc<RoomInfo>> {
-    let id: OwnedRoomId = parse_id(room_id, "room ID")?;
-    Ok(server.room_or_404(&id).await?)
-}
 
 /// Sends one event with txn-ID idempotency; returns its event ID. `txn` is
 /// `(scope, txn_id)`: a transaction ID is unique per device and request path.
@@ -87,7 +79,7 @@ pub async fn send(
     Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
     JsonBody(content): JsonBody<Value>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     if event_type == "m.room.create" {
         return err(ErrorKind::Forbidden, "Cannot send a create event");
     }
@@ -135,7 +127,7 @@ async fn put_state_inner(
     state_key: &str,
     content: Value,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(server, room_id).await?;
+    let room = crate::extract::room(server, room_id).await?;
     if event_type == "m.room.create" {
         return err(ErrorKind::Forbidden, "Cannot replace the create event");
     }
@@ -153,7 +145,7 @@ pub async fn get_state(
     auth: Auth,
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let state = readable_state(&server, &room, auth.user_id.as_str()).await?;
     let events = server.state_events(&state).await?;
     Ok(Json(Value::Array(
@@ -210,7 +202,7 @@ async fn get_state_inner(
     state_key: &str,
     format: Option<&str>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(server, room_id).await?;
+    let room = crate::extract::room(server, room_id).await?;
     let state = readable_state(server, &room, auth.user_id.as_str()).await?;
     let ev = server
         .state_event(&state, event_type, state_key)
@@ -230,7 +222,7 @@ pub async fn get_event(
     auth: Auth,
     Path((room_id, event_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let id: OwnedEventId = parse_id(&event_id, "event ID")?;
     let ev = server
         .event_by_id(&id)
@@ -253,6 +245,17 @@ pub struct MessagesQuery {
     dir: Option<String>,
     limit: Option<String>,
     filter: Option<String>,
+}
+
+/// A `limit` query parameter (default 10), clamped to `0..=max`.
+fn parse_limit(limit: Option<&str>, max: i64) -> ApiResult<i64> {
+    let limit = match limit {
+        Some(l) => l
+            .parse::<i64>()
+            .map_err(|_| Error::invalid_param("Invalid limit"))?,
+        None => 10,
+    };
+    Ok(limit.clamp(0, max))
 }
 
 fn parse_filter(f: Option<&str>) -> ApiResult<EventFilter> {
@@ -286,7 +289,7 @@ pub async fn messages(
     Path(room_id): Path<String>,
     Query(q): Query<MessagesQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let uid = auth.user_id.as_str();
     let current = check_can_read(&server, &room, uid).await?;
     let backwards = match q.dir.as_deref() {
@@ -294,13 +297,7 @@ pub async fn messages(
         Some("f") => false,
         _ => return err(ErrorKind::InvalidParam, "dir must be b or f"),
     };
-    let limit = match &q.limit {
-        Some(l) => l
-            .parse::<i64>()
-            .map_err(|_| Error::invalid_param("Invalid limit"))?,
-        None => 10,
-    }
-    .clamp(0, 1000);
+    let limit = parse_limit(q.limit.as_deref(), 1000)?;
     let filter = parse_filter(q.filter.as_deref())?;
     let limit = filter
         .limit
@@ -379,16 +376,14 @@ pub async fn messages(
         }
     }
     let end = match chunk.last() {
-        Some(last) if !exhausted || chunk.len() as i64 >= limit => {
-            let s = last.stream_ordering.unwrap_or(0);
-            Some(
-                PageToken::Topological {
-                    depth: last.depth,
-                    stream: if backwards { s - 1 } else { s },
-                }
-                .encode(),
-            )
-        }
+        Some(last) if !exhausted || chunk.len() as i64 >= limit => Some(
+            if backwards {
+                last.token_before()
+            } else {
+                last.token_after()
+            }
+            .encode(),
+        ),
         _ if !exhausted => Some(
             PageToken::Topological {
                 depth: cur_depth,
@@ -433,7 +428,7 @@ pub async fn context(
     Path((room_id, event_id)): Path<(String, String)>,
     Query(q): Query<ContextQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let uid = auth.user_id.as_str();
     let current = check_can_read(&server, &room, uid).await?;
     let id: OwnedEventId = parse_id(&event_id, "event ID")?;
@@ -445,13 +440,7 @@ pub async fn context(
     if !server.can_see_event(uid, &ev).await? {
         return err(ErrorKind::NotFound, "Event not found");
     }
-    let limit = match &q.limit {
-        Some(l) => l
-            .parse::<i64>()
-            .map_err(|_| Error::invalid_param("Invalid limit"))?,
-        None => 10,
-    }
-    .clamp(0, 100);
+    let limit = parse_limit(q.limit.as_deref(), 100)?;
     let filter = parse_filter(q.filter.as_deref())?;
     let before_n = limit / 2;
     let after_n = limit - before_n;
@@ -487,26 +476,8 @@ pub async fn context(
         .into_iter()
         .filter(|e| filter.allows(&e.pdu))
         .collect();
-    let start = before
-        .last()
-        .map(|e| PageToken::Topological {
-            depth: e.depth,
-            stream: e.stream_ordering.unwrap_or(0) - 1,
-        })
-        .unwrap_or(PageToken::Topological {
-            depth: ev.depth,
-            stream: s - 1,
-        });
-    let end = after
-        .last()
-        .map(|e| PageToken::Topological {
-            depth: e.depth,
-            stream: e.stream_ordering.unwrap_or(0),
-        })
-        .unwrap_or(PageToken::Topological {
-            depth: ev.depth,
-            stream: s,
-        });
+    let start = before.last().unwrap_or(&ev).token_before();
+    let end = after.last().unwrap_or(&ev).token_after();
     let state_group = ev.state_after.unwrap_or(0);
     let state = server.state_map(state_group).await?;
     let mut state_events = server.state_events(&state).await?;
@@ -546,7 +517,7 @@ pub async fn redact(
     Path((room_id, event_id, txn_id)): Path<(String, String, String)>,
     JsonBody(body): JsonBody<RedactBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = room_for(&server, &room_id).await?;
+    let room = crate::extract::room(&server, &room_id).await?;
     let target: OwnedEventId = parse_id(&event_id, "event ID")?;
     let mut content = json!({});
     if let Some(r) = body.reason {

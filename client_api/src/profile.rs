@@ -18,7 +18,7 @@ use ruma::{OwnedUserId, UserId};
 use serde_json::{json, Map, Value};
 
 use crate::{
-    account_data::matrix_error,
+    error::matrix_error,
     error::ApiResult,
     extract::{parse_id, Auth, JsonBody},
 };

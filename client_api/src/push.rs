@@ -27,7 +27,8 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::{
-    account_data::{matrix_error, write_account_data},
+    account_data::write_account_data,
+    error::matrix_error,
     error::{ApiError, ApiResult},
     extract::{Auth, JsonBody},
 };

@@ -124,3 +124,18 @@ pub async fn check(
     server.store.delete_uia_session(&session).await?;
     Ok(UiaOutcome::Done)
 }
+
+/// Re-confirms the caller's identity with their password (a single `m.login.password`
+/// stage): `Some(challenge)` to return to the client, `None` when the request may proceed.
+pub async fn confirm_password(
+    server: &Server,
+    auth: Option<&Value>,
+    user_id: &str,
+) -> Result<Option<Response>, ApiError> {
+    Ok(
+        match check(server, auth, &[&["m.login.password"]], Some(user_id)).await? {
+            UiaOutcome::Challenge(r) => Some(r),
+            UiaOutcome::Done => None,
+        },
+    )
+}

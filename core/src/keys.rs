@@ -11,7 +11,6 @@ use crate::{Error, Result};
 /// The server's signing key with its key ID version (`ed25519:<version>`).
 pub struct SigningKey {
     pub pair: Ed25519KeyPair,
-    der: Vec<u8>,
 }
 
 impl SigningKey {
@@ -47,7 +46,7 @@ impl SigningKey {
             .map_err(|e| format!("bad base64: {e}"))?;
         let pair = Ed25519KeyPair::from_der(&der, version.to_owned())
             .map_err(|e| format!("bad key: {e}"))?;
-        Ok(SigningKey { pair, der })
+        Ok(SigningKey { pair })
     }
 
     /// The key ID, e.g. `ed25519:a_Xyz1`.
@@ -63,16 +62,6 @@ impl SigningKey {
     /// Signs `message`, returning the unpadded base64 signature.
     pub fn sign(&self, message: &[u8]) -> String {
         STANDARD_NO_PAD.encode(self.pair.sign(message).as_bytes())
-    }
-
-    /// A second handle on the same key.
-    pub fn duplicate(&self) -> Self {
-        Self::parse(&format!(
-            "ed25519 {} {}",
-            self.pair.version(),
-            STANDARD_NO_PAD.encode(&self.der)
-        ))
-        .expect("a key that parsed once parses again")
     }
 }
 

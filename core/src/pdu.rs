@@ -8,10 +8,9 @@
 use std::sync::Arc;
 
 use ruma::{
-    canonical_json::{to_canonical_value, CanonicalJsonObject, CanonicalJsonValue},
+    canonical_json::{CanonicalJsonObject, CanonicalJsonValue},
     events::TimelineEventType,
     room_version_rules::RoomVersionRules,
-    serde::Raw,
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
     RoomVersionId, UserId,
 };
@@ -360,19 +359,8 @@ pub fn redact_json(json: &RawValue, rules: &RoomVersionRules) -> Result<Box<RawV
     Ok(RawValue::from_string(serde_json::to_string(&red)?)?)
 }
 
-/// Converts any serialisable value to canonical JSON (used for locally made content).
-pub fn to_canonical<T: serde::Serialize>(v: &T) -> Result<CanonicalJsonObject> {
-    match to_canonical_value(v) {
-        Ok(CanonicalJsonValue::Object(o)) => Ok(o),
-        _ => Err(Error::internal("content is not a canonical JSON object")),
-    }
-}
-
 /// Shared handle on a parsed event.
 pub type PduRef = Arc<Pdu>;
-
-#[allow(dead_code)]
-fn _assert_raw_send(_: Raw<Value>) {}
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! Power levels as the room's state defines them (`m.room.power_levels`, and in room v12 the
 //! creators' unlimited power), for the checks the server makes itself beyond the auth rules
-//! (who may redact others' events, the levels handed to new rooms).
+//! (who may redact others' events, who may send which event types).
 
 use std::collections::BTreeMap;
 
@@ -25,9 +25,6 @@ struct Content {
     events_default: Option<serde_json::Value>,
     state_default: Option<serde_json::Value>,
     redact: Option<serde_json::Value>,
-    kick: Option<serde_json::Value>,
-    ban: Option<serde_json::Value>,
-    invite: Option<serde_json::Value>,
 }
 
 fn int(v: &Option<serde_json::Value>, default: i64) -> i64 {
@@ -98,18 +95,6 @@ impl PowerLevels {
 
     pub fn can_redact(&self, user: &UserId) -> bool {
         self.at_least(user, int(&self.content.redact, 50))
-    }
-
-    pub fn can_kick(&self, user: &UserId) -> bool {
-        self.at_least(user, int(&self.content.kick, 50))
-    }
-
-    pub fn can_ban(&self, user: &UserId) -> bool {
-        self.at_least(user, int(&self.content.ban, 50))
-    }
-
-    pub fn can_invite(&self, user: &UserId) -> bool {
-        self.at_least(user, int(&self.content.invite, 0))
     }
 
     /// Whether `user` may send an event of this type (state or not).

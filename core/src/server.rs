@@ -3,9 +3,10 @@
 //!
 //! Local events take this way: the room's head lock is taken; each event is built on the head
 //! (prev_events = forward extremities, auth_events from current state), hashed, signed and
-//! authorised with the room version's rules; then one transaction writes all of them and
-//! everything they change; only after the commit are the in-memory head, caches and stream
-//! position advanced and the concerned users woken.
+//! authorised with the room version's rules; the head advances in memory and the events are
+//! queued for the group-commit writer, which writes them with everything they change in one
+//! transaction. Only after the commit are the caches and stream position advanced, the
+//! concerned users woken and the request answered. A failed commit discards the head.
 
 use std::{
     collections::HashMap,
@@ -57,6 +58,24 @@ pub struct StoredEvent {
     /// `(device_id, txn_id)` of a client send, when known without asking the database: `Some`
     /// for events sent since start (`Some(None)`: sent without a transaction ID).
     pub txn: Option<Option<(String, String)>>,
+}
+
+impl StoredEvent {
+    /// The pagination position just before this event.
+    pub fn token_before(&self) -> crate::token::PageToken {
+        crate::token::PageToken::Topological {
+            depth: self.depth,
+            stream: self.stream_ordering.unwrap_or(0) - 1,
+        }
+    }
+
+    /// The pagination position just after this event.
+    pub fn token_after(&self) -> crate::token::PageToken {
+        crate::token::PageToken::Topological {
+            depth: self.depth,
+            stream: self.stream_ordering.unwrap_or(0),
+        }
+    }
 }
 
 /// The tip of a room: what the next local event builds on.
@@ -415,11 +434,26 @@ impl Server {
         Ok(self.state.group(&self.store, group).await?.0)
     }
 
-    /// The current state of a room.
+    /// The committed current state of a room. (The head may be ahead of it by events whose
+    /// commit is in flight; readers never see those.)
     pub async fn current_state(&self, room: &RoomInfo) -> Result<Arc<StateMap>> {
         let lock = self.head_lock(room.nid);
         let mut guard = lock.lock().await;
-        Ok(self.load_head(room, &mut guard).await?.state.clone())
+        let committed = self.events_stream.current();
+        let head = self.load_head(room, &mut guard).await?;
+        if head.pending.values().all(|(pos, _)| *pos <= committed) {
+            return Ok(head.state.clone());
+        }
+        let group = match self.room_tip(room.nid) {
+            Some((_, group)) => group,
+            None => self
+                .store
+                .room_by_nid(room.nid)
+                .await?
+                .and_then(|r| r.state_group)
+                .ok_or_else(|| Error::internal("room has no state"))?,
+        };
+        self.state_map(group).await
     }
 
     /// The event at `(event_type, state_key)` in `state`.
@@ -446,11 +480,6 @@ impl Server {
     pub async fn state_events(&self, state: &StateMap) -> Result<Vec<Arc<StoredEvent>>> {
         let nids: Vec<i64> = state.values().copied().collect();
         self.events(&nids).await
-    }
-
-    /// `(type, state_key)` of state-key IDs.
-    pub async fn state_pairs(&self, nids: &[i64]) -> Result<HashMap<i64, (String, String)>> {
-        self.state.pairs(&self.store, nids).await
     }
 
     /// The membership of `user` in `state`.
@@ -612,16 +641,11 @@ impl Server {
         let mut head = empty;
         let mut local = HashMap::new();
         // Build the create event into the head, then the rest on top of it.
-        let first = self
-            .apply_built(&room, &mut head, &mut local, &all[0])
-            .await?;
+        let first = self.apply_built(&mut head, &mut local, &all[0]).await?;
         let mut applied = vec![first];
         for item in rest {
             let built = self.build_one(&room, &head, &local, item).await?;
-            applied.push(
-                self.apply_built(&room, &mut head, &mut local, &built)
-                    .await?,
-            );
+            applied.push(self.apply_built(&mut head, &mut local, &built).await?);
             all.push(built);
         }
         let lock = self.head_lock(room_nid);
@@ -669,10 +693,7 @@ impl Server {
         let mut applied = Vec::with_capacity(items.len());
         for item in items {
             let built = self.build_one(room, &head, &local, item).await?;
-            applied.push(
-                self.apply_built(room, &mut head, &mut local, &built)
-                    .await?,
-            );
+            applied.push(self.apply_built(&mut head, &mut local, &built).await?);
             built_all.push(built);
         }
         let generation = head.generation;
@@ -811,7 +832,6 @@ impl Server {
     /// Advances `head` by a built event (in memory only) and allocates its numeric IDs.
     async fn apply_built(
         &self,
-        _room: &RoomInfo,
         head: &mut RoomHead,
         local: &mut HashMap<i64, Arc<Pdu>>,
         built: &Built,
@@ -890,11 +910,7 @@ impl Server {
                 stream_ordering: *pos,
                 json: pdu.json.get().to_owned(),
                 state_before: a.state_before,
-                state_after: a
-                    .new_group
-                    .as_ref()
-                    .map(|g| g.group)
-                    .unwrap_or(a.state_before),
+                state_after: a.group_after(),
                 new_group: a.new_group.as_ref().map(|g| GroupWrite {
                     group: g.group,
                     parent: g.parent,
@@ -994,12 +1010,7 @@ impl Server {
                 stream_ordering: Some(*pos),
                 depth: b.pdu.depth,
                 state_before: Some(a.state_before),
-                state_after: Some(
-                    a.new_group
-                        .as_ref()
-                        .map(|g| g.group)
-                        .unwrap_or(a.state_before),
-                ),
+                state_after: Some(a.group_after()),
                 redacted_by: None,
                 txn: Some(b.sender_txn.map(|(d, _, t)| (d, t))),
                 pdu: b.pdu,
@@ -1009,16 +1020,17 @@ impl Server {
         }
         let members = {
             let mut all = self.members.write().unwrap_or_else(|e| e.into_inner());
-            let entry = all.get(&room.nid).cloned();
-            if let Some(mut m) = entry.map(|m| (*m).clone()) {
-                for (u, mem) in &member_changes {
-                    m.insert(u.clone(), mem.clone());
+            match all.get(&room.nid).cloned() {
+                Some(m) if !member_changes.is_empty() => {
+                    let mut m = (*m).clone();
+                    for (u, mem) in &member_changes {
+                        m.insert(u.clone(), mem.clone());
+                    }
+                    let m = Arc::new(m);
+                    all.insert(room.nid, m.clone());
+                    Some(m)
                 }
-                let m = Arc::new(m);
-                all.insert(room.nid, m.clone());
-                Some(m)
-            } else {
-                None
+                unchanged => unchanged,
             }
         };
         {
@@ -1052,8 +1064,6 @@ impl Server {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(room.nid, *last);
-        }
-        if let Some(last) = positions.last() {
             self.room_tips
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1134,10 +1144,17 @@ impl Server {
         Ok(())
     }
 
-    /// Answers a job that will not be written.
-    fn reject(&self, job: WriteJob, e: Error) {
-        self.events_stream.complete(&job.publish.positions);
-        let _ = job.reply.send(Err(e));
+    /// Answers a job after its write: published when committed; otherwise its stream
+    /// positions are released and the error returned.
+    fn finish(self: &Arc<Self>, job: WriteJob, written: Result<()>) {
+        let answer = match written {
+            Ok(()) => Ok(self.publish(job.publish)),
+            Err(e) => {
+                self.events_stream.complete(&job.publish.positions);
+                Err(e)
+            }
+        };
+        let _ = job.reply.send(answer);
     }
 
     /// Wakes a user's syncs (after account data and similar per-user changes).
@@ -1194,50 +1211,41 @@ async fn run_writer(
             .into_iter()
             .partition(|j| !failed.contains(&(j.room.room_nid, j.generation)));
         for j in doomed {
-            server.reject(
-                j,
-                Error::internal("an earlier event of this room failed to commit"),
-            );
+            let e = Error::internal("an earlier event of this room failed to commit");
+            server.finish(j, Err(e));
         }
         if live.is_empty() {
             continue;
         }
-        let rooms: Vec<RoomWrite> = live.iter().map(|j| j.room.clone()).collect();
-        match server.store.write_rooms(&rooms).await {
+        let rooms: Vec<&RoomWrite> = live.iter().map(|j| &j.room).collect();
+        let result = server.store.write_rooms(&rooms).await;
+        match result {
             Ok(()) => {
                 for j in live {
-                    let stored = server.publish(j.publish);
-                    let _ = j.reply.send(Ok(stored));
+                    server.finish(j, Ok(()));
                 }
             }
             Err(e) if live.len() == 1 => {
                 if let Some(j) = live.into_iter().next() {
                     failed.insert((j.room.room_nid, j.generation));
-                    server.reject(j, e);
+                    server.finish(j, Err(e));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, jobs = live.len(), "batch write failed; retrying singly");
                 for j in live {
                     let key = (j.room.room_nid, j.generation);
-                    if failed.contains(&key) {
-                        server.reject(j, Error::internal("an earlier event of this room failed"));
-                        continue;
+                    let result = if failed.contains(&key) {
+                        Err(Error::internal(
+                            "an earlier event of this room failed to commit",
+                        ))
+                    } else {
+                        server.store.write_rooms(&[&j.room]).await
+                    };
+                    if result.is_err() {
+                        failed.insert(key);
                     }
-                    match server
-                        .store
-                        .write_rooms(std::slice::from_ref(&j.room))
-                        .await
-                    {
-                        Ok(()) => {
-                            let stored = server.publish(j.publish);
-                            let _ = j.reply.send(Ok(stored));
-                        }
-                        Err(e) => {
-                            failed.insert(key);
-                            server.reject(j, e);
-                        }
-                    }
+                    server.finish(j, result);
                 }
             }
         }
@@ -1263,6 +1271,15 @@ struct Applied {
     state_before: i64,
     new_group: Option<AppliedGroup>,
     state_after: Arc<StateMap>,
+}
+
+impl Applied {
+    /// The state group after the event.
+    fn group_after(&self) -> i64 {
+        self.new_group
+            .as_ref()
+            .map_or(self.state_before, |g| g.group)
+    }
 }
 
 /// `(user, device, scope, txn_id) → event ID` of client sends since start (bounded); the

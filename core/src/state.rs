@@ -72,34 +72,6 @@ impl StateCache {
             .insert(nid, (event_type.to_owned(), state_key.to_owned()));
     }
 
-    /// `(event_type, state_key)` of each ID.
-    pub async fn pairs(
-        &self,
-        store: &Store,
-        nids: &[i64],
-    ) -> Result<HashMap<i64, (String, String)>> {
-        let mut out = HashMap::with_capacity(nids.len());
-        let mut missing = Vec::new();
-        {
-            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            for n in nids {
-                match keys.by_nid.get(n) {
-                    Some(p) => {
-                        out.insert(*n, p.clone());
-                    }
-                    None => missing.push(*n),
-                }
-            }
-        }
-        if !missing.is_empty() {
-            for (nid, t, k) in store.state_keys_by_nids(&missing).await? {
-                self.remember(nid, &t, &k);
-                out.insert(nid, (t, k));
-            }
-        }
-        Ok(out)
-    }
-
     /// The resolved snapshot of a state group and its chain length.
     pub async fn group(&self, store: &Store, group: i64) -> Result<(Arc<StateMap>, i64)> {
         if let Some(g) = self

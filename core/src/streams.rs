@@ -100,12 +100,6 @@ impl Notifier {
             tx.send_modify(|v| *v += 1);
         }
     }
-
-    /// Drops channels nobody listens to.
-    pub fn prune(&self) {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        users.retain(|_, tx| tx.receiver_count() > 0);
-    }
 }
 
 #[cfg(test)]

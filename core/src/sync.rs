@@ -8,6 +8,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use ruma::events::TimelineEventType;
 use serde_json::{json, Map, Value};
 
 use crate::{
@@ -32,6 +33,14 @@ pub struct SyncRequest {
 
 const DEFAULT_TIMELINE_LIMIT: i64 = 10;
 const MAX_TIMELINE_LIMIT: i64 = 500;
+
+/// A room's sync window read ahead of `room_sync`.
+enum Window {
+    /// Every event of the window, oldest first (from the recent-events buffer).
+    All(Vec<Arc<StoredEvent>>),
+    /// The first page, newest first (from the batched query).
+    FirstPage(Vec<crate::store::EventRow>),
+}
 
 /// The timeline limit a filter asks for (default 10).
 fn timeline_limit(filter: &Filter) -> i64 {
@@ -62,28 +71,22 @@ impl Server {
         let deadline = tokio::time::Instant::now() + req.timeout;
         loop {
             let now = self.current_token();
+            let stopping = self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed);
             let unchanged = req
                 .since
                 .is_some_and(|s| s.events >= now.events && s.account_data >= now.account_data);
-            if !unchanged || req.full_state || req.timeout.is_zero() {
+            if !unchanged || req.full_state || req.timeout.is_zero() || stopping {
                 let (body, empty) = Box::pin(self.compute_sync(req, now)).await?;
-                if !empty || req.since.is_none() || req.full_state {
-                    return Ok(body);
-                }
-                if tokio::time::Instant::now() >= deadline
-                    || self
-                        .shutting_down
-                        .load(std::sync::atomic::Ordering::Relaxed)
+                if !empty
+                    || req.since.is_none()
+                    || req.full_state
+                    || stopping
+                    || tokio::time::Instant::now() >= deadline
                 {
                     return Ok(body);
                 }
-            }
-            if self
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                let (body, _) = Box::pin(self.compute_sync(req, now)).await?;
-                return Ok(body);
             }
             match tokio::time::timeout_at(deadline, wake.changed()).await {
                 Ok(Ok(())) => {
@@ -138,39 +141,45 @@ impl Server {
         }
 
         let memberships = self.user_memberships(&req.user_id).await?;
-        // The first timeline page of every joined room that will be reported, in one query.
+        // The newest events of every joined room that will be reported: from memory where the
+        // recent-events buffer covers the window, the others' first pages in one query.
         let tf_limit = timeline_limit(&req.filter);
-        let wanted: Vec<(i64, i64)> = memberships
-            .iter()
-            .filter(|m| m.membership == "join" && m.stream_ordering <= now.events)
-            .filter(|m| {
-                initial
+        let mut windows: HashMap<i64, Window> = HashMap::new();
+        let mut to_read: Vec<(i64, i64)> = Vec::new();
+        for m in memberships.iter() {
+            let reported = m.membership == "join"
+                && m.stream_ordering <= now.events
+                && (initial
                     || req.full_state
                     || m.stream_ordering > since.events
-                    || self.room_position(m.room_nid) > since.events
-            })
-            .map(|m| {
-                (
-                    m.room_nid,
-                    if m.stream_ordering > since.events {
-                        0
-                    } else {
-                        since.events
-                    },
-                )
-            })
-            .collect();
-        let mut prefetched: HashMap<i64, Vec<crate::store::EventRow>> = HashMap::new();
-        if wanted.len() > 1 {
+                    || self.room_position(m.room_nid) > since.events);
+            if !reported {
+                continue;
+            }
+            let from = if m.stream_ordering > since.events {
+                0
+            } else {
+                since.events
+            };
+            match self.recent_events(m.room_nid, from, now.events) {
+                Some(events) => {
+                    windows.insert(m.room_nid, Window::All(events));
+                }
+                None => to_read.push((m.room_nid, from)),
+            }
+        }
+        if to_read.len() > 1 {
             let rows = self
                 .store
-                .rooms_events_stream_desc(&wanted, now.events, (tf_limit + 1) * 2)
+                .rooms_events_stream_desc(&to_read, now.events, (tf_limit + 1) * 2)
                 .await?;
-            for (room, _) in &wanted {
-                prefetched.entry(*room).or_default();
+            for (room, _) in &to_read {
+                windows.insert(*room, Window::FirstPage(Vec::new()));
             }
             for row in rows {
-                prefetched.entry(row.room_nid).or_default().push(row);
+                if let Some(Window::FirstPage(page)) = windows.get_mut(&row.room_nid) {
+                    page.push(row);
+                }
             }
         }
         for m in memberships.iter().cloned() {
@@ -199,7 +208,7 @@ impl Server {
                             (from, now.events),
                             initial || newly || req.full_state,
                             &m,
-                            prefetched.remove(&room.nid),
+                            windows.remove(&room.nid),
                         )
                         .await?;
                     body.insert("account_data".into(), json!({ "events": ad_here }));
@@ -271,7 +280,7 @@ impl Server {
         (from, to): (i64, i64),
         full: bool,
         membership: &MembershipRow,
-        mut first_page: Option<Vec<crate::store::EventRow>>,
+        window: Option<Window>,
     ) -> Result<Map<String, Value>> {
         let tf = &req.filter.room.timeline;
         let limit = timeline_limit(&req.filter);
@@ -286,37 +295,33 @@ impl Server {
         let mut window_first_before = None;
         // A woken sync usually finds its whole window among the room's recent events in
         // memory; otherwise it pages through the database.
-        let in_memory = self.recent_events(room.nid, from, to);
-        if let Some(mut events) = in_memory.clone() {
-            events.reverse();
-            window_first_before = events.last().and_then(|e| e.state_before);
-            for ev in self.filter_visible(&req.user_id, current, events).await? {
-                if !tf.allows(&ev.pdu) {
-                    continue;
-                }
-                if timeline.len() as i64 == limit {
-                    limited = true;
-                    break;
-                }
-                timeline.push(ev);
-            }
-        }
+        let mut ahead = window.or_else(|| self.recent_events(room.nid, from, to).map(Window::All));
         'pages: loop {
-            if in_memory.is_some() {
-                break;
-            }
-            let rows = match first_page.take() {
-                Some(rows) => rows,
-                None => {
-                    self.store
-                        .room_events_stream_desc(room.nid, from, upper, batch)
-                        .await?
+            let (events, complete) = match ahead.take() {
+                Some(Window::All(mut events)) => {
+                    events.reverse();
+                    (events, true)
+                }
+                page => {
+                    let rows = match page {
+                        Some(Window::FirstPage(rows)) => rows,
+                        _ => {
+                            self.store
+                                .room_events_stream_desc(room.nid, from, upper, batch)
+                                .await?
+                        }
+                    };
+                    let n = rows.len() as i64;
+                    if let Some(last) = rows.last() {
+                        upper = last.stream_ordering.unwrap_or(from) - 1;
+                    }
+                    let complete = n < batch || upper <= from;
+                    (self.events_from_rows(rows).await?, complete)
                 }
             };
-            let n = rows.len() as i64;
-            let Some(last) = rows.last() else { break };
-            upper = last.stream_ordering.unwrap_or(from) - 1;
-            let events = self.events_from_rows(rows).await?;
+            if events.is_empty() {
+                break;
+            }
             window_first_before = events.last().and_then(|e| e.state_before);
             for ev in self.filter_visible(&req.user_id, current, events).await? {
                 if !tf.allows(&ev.pdu) {
@@ -328,7 +333,7 @@ impl Server {
                 }
                 timeline.push(ev);
             }
-            if n < batch || upper <= from {
+            if complete {
                 break;
             }
         }
@@ -386,8 +391,7 @@ impl Server {
             .chain(std::iter::once(req.user_id.clone()))
             .collect();
         state_events.retain(|e| {
-            let t = e.pdu.kind.to_string();
-            if lazy && t == "m.room.member" {
+            if lazy && e.pdu.kind == TimelineEventType::RoomMember {
                 return e
                     .pdu
                     .state_key
@@ -398,13 +402,7 @@ impl Server {
         });
         let prev_batch = timeline
             .first()
-            .map(|e| {
-                PageToken::Topological {
-                    depth: e.depth,
-                    stream: e.stream_ordering.unwrap_or(0) - 1,
-                }
-                .encode()
-            })
+            .map(|e| e.token_before().encode())
             .unwrap_or_else(|| PageToken::Stream(to).encode());
 
         let mut body = Map::new();
@@ -429,10 +427,8 @@ impl Server {
             || from == 0
             || state_events
                 .iter()
-                .any(|e| e.pdu.kind.to_string() == "m.room.member")
-            || timeline
-                .iter()
-                .any(|e| e.pdu.kind.to_string() == "m.room.member")
+                .chain(&timeline)
+                .any(|e| e.pdu.kind == TimelineEventType::RoomMember)
         {
             body.insert(
                 "summary".into(),

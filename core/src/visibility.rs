@@ -29,7 +29,7 @@ impl Server {
         let mut out = Vec::with_capacity(events.len());
         for ev in events {
             // A user's own membership event is judged by the state after it.
-            let own = ev.pdu.kind.to_string() == "m.room.member"
+            let own = ev.pdu.kind == ruma::events::TimelineEventType::RoomMember
                 && ev.pdu.state_key.as_deref() == Some(user);
             let group = if own { ev.state_after } else { ev.state_before };
             let Some(group) = group else { continue };

@@ -274,13 +274,6 @@ impl Store {
         Ok(doomed)
     }
 
-    /// Ends a device's session (logout) but keeps nothing of it: the device goes too.
-    pub async fn logout_device(&self, user_id: &str, device_id: &str) -> Result<()> {
-        self.delete_devices(user_id, Some(&[device_id.to_owned()]), None)
-            .await
-            .map(|_| ())
-    }
-
     pub async fn devices(&self, user_id: &str) -> Result<Vec<DeviceRow>> {
         let rows = sqlx::query(
             "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices \
@@ -313,25 +306,6 @@ impl Store {
         .rows_affected();
         w.commit().await?;
         Ok(n == 1)
-    }
-
-    pub async fn touch_device(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        ip: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE devices SET last_seen_ts = $3, last_seen_ip = COALESCE($4, last_seen_ip) \
-             WHERE user_id = $1 AND device_id = $2",
-        )
-        .bind(user_id)
-        .bind(device_id)
-        .bind(now_ms())
-        .bind(ip)
-        .execute(self.pool())
-        .await?;
-        Ok(())
     }
 
     // Registration tokens ------------------------------------------------------------------

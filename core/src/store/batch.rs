@@ -119,7 +119,7 @@ async fn insert_rows(
 
 impl Store {
     /// Writes a batch of rooms' events in one transaction.
-    pub async fn write_rooms(&self, rooms: &[RoomWrite]) -> Result<()> {
+    pub async fn write_rooms(&self, rooms: &[&RoomWrite]) -> Result<()> {
         if rooms.is_empty() {
             return Ok(());
         }

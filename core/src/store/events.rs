@@ -197,21 +197,6 @@ impl Store {
         Ok((get(0), get(1), get(2)))
     }
 
-    /// Rooms (numeric IDs) with events in `(from, to]`, with each room's latest position there.
-    pub async fn rooms_with_events_between(&self, from: i64, to: i64) -> Result<Vec<(i64, i64)>> {
-        Ok(sqlx::query(
-            "SELECT room_nid, MAX(stream_ordering) FROM events WHERE stream_ordering > $1 \
-             AND stream_ordering <= $2 GROUP BY room_nid",
-        )
-        .bind(from)
-        .bind(to)
-        .fetch_all(self.pool())
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
-    }
-
     /// The latest stream ordering of every room (to seed the in-memory map).
     pub async fn room_latest_positions(&self) -> Result<Vec<(i64, i64)>> {
         Ok(sqlx::query(

@@ -136,29 +136,6 @@ impl Store {
         .await?)
     }
 
-    pub async fn state_keys_by_nids(&self, nids: &[i64]) -> Result<Vec<(i64, String, String)>> {
-        let mut out = Vec::with_capacity(nids.len());
-        for chunk in nids.chunks(500) {
-            let list = chunk
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(",");
-            let sql = format!(
-                "SELECT state_key_nid, event_type, state_key FROM state_keys \
-                 WHERE state_key_nid IN ({list})"
-            );
-            out.extend(
-                sqlx::query(AssertSqlSafe(sql))
-                    .fetch_all(self.pool())
-                    .await?
-                    .into_iter()
-                    .map(|r| (r.get(0), r.get(1), r.get(2))),
-            );
-        }
-        Ok(out)
-    }
-
     pub async fn state_group(&self, group: i64) -> Result<Option<StateGroupRow>> {
         let row =
             sqlx::query("SELECT parent_group, chain_len FROM state_groups WHERE state_group = $1")
@@ -295,18 +272,5 @@ impl Store {
             .into_iter()
             .map(room_row)
             .collect())
-    }
-
-    /// Current state of a room as `(state_key_nid, event_nid)`.
-    pub async fn current_state(&self, room_nid: i64) -> Result<Vec<(i64, i64)>> {
-        Ok(
-            sqlx::query("SELECT state_key_nid, event_nid FROM current_state WHERE room_nid = $1")
-                .bind(room_nid)
-                .fetch_all(self.pool())
-                .await?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        )
     }
 }
