@@ -25,6 +25,9 @@ use ruma::{
 use serde_json::value::RawValue;
 use tokio::sync::Mutex as AsyncMutex;
 
+mod remote;
+pub use remote::{pdu_from_federation, redacted_pdu, Ingested};
+
 use crate::{
     config::Config,
     keys::SigningKey,
@@ -55,6 +58,10 @@ pub struct StoredEvent {
     pub state_before: Option<i64>,
     pub state_after: Option<i64>,
     pub redacted_by: Option<String>,
+    /// Stored outside the timeline (see [`crate::store::OutlierWrite`]).
+    pub outlier: bool,
+    /// Failed the authorization rules: never used as state or served as part of the room.
+    pub rejected: bool,
     /// `(device_id, txn_id)` of a client send, when known without asking the database: `Some`
     /// for events sent since start (`Some(None)`: sent without a transaction ID).
     pub txn: Option<Option<(String, String)>>,
@@ -157,6 +164,10 @@ pub struct Server {
     pub txns: TxnCache,
     /// Access-token cache.
     pub tokens: crate::accounts::TokenCache,
+    /// The other servers with joined members of each room (derived from `members`).
+    servers: RwLock<HashMap<i64, Arc<Vec<String>>>>,
+    /// Tells the federation sender which destinations have new outbox rows.
+    pub outbox_signal: OutboxSignal,
     /// Set when the server is shutting down: long-polls answer at once.
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -203,6 +214,8 @@ impl Server {
             tokens: Default::default(),
             txns: Default::default(),
             shutting_down: Default::default(),
+            servers: RwLock::default(),
+            outbox_signal: OutboxSignal::default(),
         });
         tokio::spawn(run_writer(Arc::downgrade(&server), jobs));
         Ok(server)
@@ -311,6 +324,8 @@ impl Server {
             state_before: row.state_before,
             state_after: row.state_after,
             redacted_by: row.redacted_by,
+            outlier: row.outlier,
+            rejected: row.rejected,
             txn: None,
         });
         self.cache_event(ev.clone());
@@ -519,6 +534,36 @@ impl Server {
         Ok(map)
     }
 
+    /// The other servers with a joined member in a room (cached with the members).
+    pub async fn room_servers(&self, room_nid: i64) -> Result<Arc<Vec<String>>> {
+        if let Some(s) = self
+            .servers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room_nid)
+        {
+            return Ok(s.clone());
+        }
+        let epoch = self.membership_epoch.load(Ordering::Acquire);
+        let members = self.members(room_nid).await?;
+        let mut servers: Vec<String> = members
+            .iter()
+            .filter(|(_, m)| m.as_str() == "join")
+            .filter_map(|(u, _)| u.split_once(':').map(|(_, s)| s.to_owned()))
+            .filter(|s| s != self.server_name.as_str())
+            .collect();
+        servers.sort();
+        servers.dedup();
+        let servers = Arc::new(servers);
+        if self.membership_epoch.load(Ordering::Acquire) == epoch {
+            self.servers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room_nid, servers.clone());
+        }
+        Ok(servers)
+    }
+
     fn head_lock(&self, room_nid: i64) -> Arc<AsyncMutex<Option<RoomHead>>> {
         self.heads
             .lock()
@@ -655,7 +700,7 @@ impl Server {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(room_nid, Arc::new(HashMap::new()));
-        let done = self.enqueue_write(&room, true, all, applied, &mut head)?;
+        let done = self.enqueue_write(&room, true, all, applied, &mut head, Extras::default())?;
         *guard = Some(head);
         drop(guard);
         let stored = self.await_write(&room, generation, done).await?;
@@ -699,7 +744,11 @@ impl Server {
         let generation = head.generation;
         // The members are cached before the write, so the commit can wake them at once.
         self.members(room.nid).await?;
-        let done = self.enqueue_write(room, false, built_all, applied, &mut head)?;
+        let extras = Extras {
+            servers: self.room_servers(room.nid).await?,
+            ..Default::default()
+        };
+        let done = self.enqueue_write(room, false, built_all, applied, &mut head, extras)?;
         *guard = Some(head);
         drop(guard);
         // The room is free for the next event while this one commits (pipelining: consecutive
@@ -884,14 +933,15 @@ impl Server {
         built: Vec<Built>,
         applied: Vec<Applied>,
         head: &mut RoomHead,
+        extras: Extras,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<Arc<StoredEvent>>>>> {
         let positions = self.events_stream.allocate(built.len());
         let mut write = RoomWrite {
             room_nid: room.nid,
             new_room: new_room.then(|| (room.room_id.to_string(), room.version.to_string())),
             events: Vec::with_capacity(built.len()),
-            extremities: head.extremities.iter().map(|(_, _, nid)| *nid).collect(),
-            redactions: Vec::new(),
+            extremities: Some(head.extremities.iter().map(|(_, _, nid)| *nid).collect()),
+            ..Default::default()
         };
         for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
             let pdu = &b.pdu;
@@ -929,11 +979,46 @@ impl Server {
                     .redactions
                     .push((*target, json.clone(), pdu.event_id.to_string()));
             }
+            // Our own events, and events we relay as the resident server, go to every other
+            // server in the room (and to the target's server of a membership change).
+            let ours = pdu.sender.server_name() == self.server_name;
+            if ours || extras.relay_from.is_some() {
+                let mut dests: Vec<&str> = extras.servers.iter().map(|s| s.as_str()).collect();
+                if let Some(target) = pdu
+                    .state_key
+                    .as_deref()
+                    .filter(|_| pdu.kind == TimelineEventType::RoomMember)
+                    .and_then(|sk| UserId::parse(sk).ok())
+                {
+                    let server = target.server_name().as_str().to_owned();
+                    if !dests.contains(&server.as_str()) && server != self.server_name.as_str() {
+                        write.outbox.push((server, a.nid));
+                    }
+                }
+                dests.retain(|d| Some(*d) != extras.relay_from.as_deref());
+                write
+                    .outbox
+                    .extend(dests.into_iter().map(|d| (d.to_owned(), a.nid)));
+            }
         }
+        write.extra_groups = extras.extra_groups;
+        let member_override = extras.current.as_ref().map(|c| {
+            c.memberships
+                .iter()
+                .map(|(u, m, _)| (u.clone(), m.clone()))
+                .collect::<Vec<_>>()
+        });
+        write.current = extras.current;
         for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
             head.pending.insert(a.nid, (*pos, b.pdu.clone()));
         }
         let (reply, done) = tokio::sync::oneshot::channel();
+        let write_has_outbox: Vec<String> = {
+            let mut d: Vec<String> = write.outbox.iter().map(|(d, _)| d.clone()).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
         let job = WriteJob {
             room: write,
             generation: head.generation,
@@ -943,6 +1028,8 @@ impl Server {
                 applied,
                 positions: positions.clone(),
                 tip_group: head.state_group,
+                member_override,
+                outbox: write_has_outbox,
             },
             reply,
         };
@@ -975,6 +1062,10 @@ impl Server {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&room.nid);
+            self.servers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&room.nid);
         }
         result
     }
@@ -988,6 +1079,8 @@ impl Server {
             applied,
             positions,
             tip_group,
+            member_override,
+            outbox,
         } = p;
         let mut stored = Vec::with_capacity(built.len());
         let mut member_changes = Vec::new();
@@ -999,7 +1092,7 @@ impl Server {
             if let Some((target, _)) = &b.redaction {
                 self.uncache_event(*target);
             }
-            if b.pdu.kind == TimelineEventType::RoomMember {
+            if b.pdu.kind == TimelineEventType::RoomMember && member_override.is_none() {
                 if let (Some(sk), Some(m)) = (&b.pdu.state_key, b.pdu.content_str("membership")) {
                     member_changes.push((sk.clone(), m));
                 }
@@ -1012,11 +1105,16 @@ impl Server {
                 state_before: Some(a.state_before),
                 state_after: Some(a.group_after()),
                 redacted_by: None,
+                outlier: false,
+                rejected: false,
                 txn: Some(b.sender_txn.map(|(d, _, t)| (d, t))),
                 pdu: b.pdu,
             });
             self.cache_event(ev.clone());
             stored.push(ev);
+        }
+        if let Some(o) = member_override {
+            member_changes = o;
         }
         let members = {
             let mut all = self.members.write().unwrap_or_else(|e| e.into_inner());
@@ -1053,6 +1151,10 @@ impl Server {
             }
         }
         if !member_changes.is_empty() {
+            self.servers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&room.nid);
             self.membership_epoch.fetch_add(1, Ordering::AcqRel);
             let mut users = self.user_rooms.write().unwrap_or_else(|e| e.into_inner());
             for (u, _) in &member_changes {
@@ -1070,6 +1172,7 @@ impl Server {
                 .insert(room.nid, (*last, tip_group));
         }
         self.events_stream.complete(&positions);
+        self.outbox_signal.wake(outbox);
         // Everyone with a membership (joined, invited, knocking, just left) hears of it.
         match members {
             Some(m) => self.notifier.wake(m.keys().map(|s| s.as_str())),
@@ -1179,6 +1282,59 @@ struct Publish {
     applied: Vec<Applied>,
     positions: Vec<i64>,
     tip_group: i64,
+    /// Membership changes when the current state was set explicitly.
+    member_override: Option<Vec<(String, String)>>,
+    /// Destinations with new outbox rows.
+    outbox: Vec<String>,
+}
+
+/// What a write carries beyond its events.
+#[derive(Default)]
+pub(crate) struct Extras {
+    /// The other servers with joined members, before these events.
+    servers: Arc<Vec<String>>,
+    /// Resolved or received state groups.
+    extra_groups: Vec<crate::store::GroupWrite>,
+    /// The current state when it is not simply the last event's state.
+    current: Option<crate::store::CurrentWrite>,
+    /// The server whose event we relay to the room as its resident (send_join and friends).
+    relay_from: Option<String>,
+}
+
+/// Destinations whose outbox has new rows, for the federation sender.
+#[derive(Default)]
+pub struct OutboxSignal {
+    pending: std::sync::Mutex<std::collections::HashSet<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl OutboxSignal {
+    fn wake(&self, dests: Vec<String>) {
+        if dests.is_empty() {
+            return;
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(dests);
+        self.notify.notify_one();
+    }
+
+    /// Waits until some destination has new rows, and takes the set.
+    pub async fn next(&self) -> Vec<String> {
+        loop {
+            let taken: Vec<String> = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .collect();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// Most rooms' jobs written in one transaction.

@@ -41,17 +41,60 @@ pub struct GroupWrite {
     pub edits: Vec<(i64, i64)>,
 }
 
-/// One room's share of a batch.
+/// An event stored outside the room's timeline graph: an auth-chain or state event learnt from
+/// another server, a rejected or soft-failed event, or an invite to a room we are not in.
 #[derive(Debug, Clone)]
+pub struct OutlierWrite {
+    pub event_nid: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub json: String,
+    pub rejected: bool,
+    /// Set for an invite from another server, so the invitee's sync sees it.
+    pub stream_ordering: Option<i64>,
+}
+
+/// A room's current state set explicitly (after state resolution or a remote join) rather than
+/// derived from its new events.
+#[derive(Debug, Clone, Default)]
+pub struct CurrentWrite {
+    pub group: i64,
+    /// Replace every row (a join from another server brings the whole state).
+    pub replace_all: bool,
+    pub upserts: Vec<(i64, i64)>,
+    pub removes: Vec<i64>,
+    /// `(user, membership, member event nid)` changed by this state.
+    pub memberships: Vec<(String, String, i64)>,
+    /// The stream position the membership changes are recorded at.
+    pub position: i64,
+}
+
+/// One room's share of a batch.
+#[derive(Debug, Clone, Default)]
 pub struct RoomWrite {
     pub room_nid: i64,
     /// `(room_id, room_version)` when the room is new.
     pub new_room: Option<(String, String)>,
     pub events: Vec<EventWrite>,
-    /// The room's forward extremities after these events.
-    pub extremities: Vec<i64>,
+    /// The room's forward extremities after these events (`None`: unchanged).
+    pub extremities: Option<Vec<i64>>,
     /// Redactions applied: `(target event_nid, redacted JSON, redaction event ID)`.
     pub redactions: Vec<(i64, String, String)>,
+    /// Events stored outside the timeline.
+    pub outliers: Vec<OutlierWrite>,
+    /// State groups not tied to one new event (resolved states, a joined room's state).
+    pub extra_groups: Vec<GroupWrite>,
+    /// The current state when it is not simply the last new event's state.
+    pub current: Option<CurrentWrite>,
+    /// `(destination, event_nid)`: events to send to other servers.
+    pub outbox: Vec<(String, i64)>,
+    /// `(user, invite event nid, stream position, stripped state JSON)` of an invite from
+    /// another server.
+    pub remote_invite: Option<(String, i64, i64, String)>,
 }
 
 /// A value bound into a multi-row statement.
@@ -61,6 +104,15 @@ enum V {
     S(String),
     OS(Option<String>),
 }
+
+const MEMBERSHIP_INSERT: &str = "INSERT INTO room_memberships (room_nid, user_id, membership, \
+                                 event_nid, stream_ordering, forgotten)";
+const MEMBERSHIP_UPSERT: &str = "ON CONFLICT (room_nid, user_id) DO UPDATE SET membership = \
+     excluded.membership, event_nid = excluded.event_nid, stream_ordering = \
+     excluded.stream_ordering, forgotten = 0";
+const CURRENT_INSERT: &str = "INSERT INTO current_state (room_nid, state_key_nid, event_nid)";
+const CURRENT_UPSERT: &str =
+    "ON CONFLICT (room_nid, state_key_nid) DO UPDATE SET event_nid = excluded.event_nid";
 
 /// Largest number of bound values in one statement (SQLite allows 32,766).
 const MAX_BINDS: usize = 30_000;
@@ -152,16 +204,22 @@ impl Store {
                 .iter()
                 .flat_map(|r| r.events.iter().map(move |e| (r.room_nid, e)))
         };
-        let groups: Vec<Vec<V>> = events()
-            .filter_map(|(room, e)| {
-                e.new_group.as_ref().map(|g| {
-                    vec![
-                        V::I(g.group),
-                        V::I(room),
-                        V::OI(g.parent),
-                        V::I(g.chain_len),
-                    ]
-                })
+        let all_groups = || {
+            rooms.iter().flat_map(|r| {
+                r.extra_groups
+                    .iter()
+                    .chain(r.events.iter().filter_map(|e| e.new_group.as_ref()))
+                    .map(move |g| (r.room_nid, g))
+            })
+        };
+        let groups: Vec<Vec<V>> = all_groups()
+            .map(|(room, g)| {
+                vec![
+                    V::I(g.group),
+                    V::I(room),
+                    V::OI(g.parent),
+                    V::I(g.chain_len),
+                ]
             })
             .collect();
         insert_rows(
@@ -172,9 +230,8 @@ impl Store {
             "",
         )
         .await?;
-        let edits: Vec<Vec<V>> = events()
-            .filter_map(|(_, e)| e.new_group.as_ref())
-            .flat_map(|g| {
+        let edits: Vec<Vec<V>> = all_groups()
+            .flat_map(|(_, g)| {
                 g.edits
                     .iter()
                     .map(move |(k, ev)| vec![V::I(g.group), V::I(*k), V::I(*ev)])
@@ -224,22 +281,55 @@ impl Store {
             "",
         )
         .await?;
+        let outliers: Vec<Vec<V>> = rooms
+            .iter()
+            .flat_map(|r| r.outliers.iter().map(move |o| (r.room_nid, o)))
+            .map(|(room, o)| {
+                vec![
+                    V::I(o.event_nid),
+                    V::S(o.event_id.clone()),
+                    V::I(room),
+                    V::OI(o.stream_ordering),
+                    V::I(o.depth),
+                    V::S(o.event_type.clone()),
+                    V::OS(o.state_key.clone()),
+                    V::S(o.sender.clone()),
+                    V::I(o.origin_server_ts),
+                    V::I(1),
+                    V::I(i64::from(o.rejected)),
+                    V::S(o.json.clone()),
+                ]
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO events (event_nid, event_id, room_nid, stream_ordering, depth, event_type, \
+             state_key, sender, origin_server_ts, outlier, rejected, json)",
+            12,
+            outliers,
+            "ON CONFLICT (event_id) DO NOTHING",
+        )
+        .await?;
         // Forward extremities: each room's set is replaced by the one computed in memory.
         let room_list = rooms
             .iter()
+            .filter(|r| r.extremities.is_some())
             .map(|r| r.room_nid.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        sqlx::query(AssertSqlSafe(format!(
-            "DELETE FROM forward_extremities WHERE room_nid IN ({room_list})"
-        )))
-        .execute(&mut **tx)
-        .await?;
+        if !room_list.is_empty() {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM forward_extremities WHERE room_nid IN ({room_list})"
+            )))
+            .execute(&mut **tx)
+            .await?;
+        }
         let ext: Vec<Vec<V>> = rooms
             .iter()
             .flat_map(|r| {
                 r.extremities
                     .iter()
+                    .flatten()
                     .map(move |e| vec![V::I(r.room_nid), V::I(*e)])
             })
             .collect();
@@ -258,7 +348,8 @@ impl Store {
         let mut members: std::collections::HashMap<(i64, String), (String, i64, i64)> =
             Default::default();
         let mut room_groups: Vec<(i64, i64)> = Vec::new();
-        for r in rooms {
+        // (A room whose current state is given explicitly is written by `write_current`.)
+        for r in rooms.iter().filter(|r| r.current.is_none()) {
             let mut last_group = None;
             for e in &r.events {
                 if let Some(g) = &e.new_group {
@@ -280,14 +371,7 @@ impl Store {
             .into_iter()
             .map(|((room, k), ev)| vec![V::I(room), V::I(k), V::I(ev)])
             .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO current_state (room_nid, state_key_nid, event_nid)",
-            3,
-            cs,
-            "ON CONFLICT (room_nid, state_key_nid) DO UPDATE SET event_nid = excluded.event_nid",
-        )
-        .await?;
+        insert_rows(tx, CURRENT_INSERT, 3, cs, CURRENT_UPSERT).await?;
         let ms: Vec<Vec<V>> = members
             .into_iter()
             .map(|((room, user), (m, ev, pos))| {
@@ -301,16 +385,7 @@ impl Store {
                 ]
             })
             .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO room_memberships (room_nid, user_id, membership, event_nid, stream_ordering, \
-             forgotten)",
-            6,
-            ms,
-            "ON CONFLICT (room_nid, user_id) DO UPDATE SET membership = excluded.membership, \
-             event_nid = excluded.event_nid, stream_ordering = excluded.stream_ordering, forgotten = 0",
-        )
-        .await?;
+        insert_rows(tx, MEMBERSHIP_INSERT, 6, ms, MEMBERSHIP_UPSERT).await?;
         for (room, group) in room_groups {
             sqlx::query("UPDATE rooms SET state_group = $2 WHERE room_nid = $1")
                 .bind(room)
@@ -318,6 +393,47 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
+        for r in rooms {
+            if let Some(c) = &r.current {
+                write_current(tx, r.room_nid, c).await?;
+            }
+            if let Some((user, event_nid, position, stripped)) = &r.remote_invite {
+                let row = vec![
+                    V::I(r.room_nid),
+                    V::S(user.clone()),
+                    V::S("invite".to_owned()),
+                    V::I(*event_nid),
+                    V::I(*position),
+                    V::I(0),
+                ];
+                insert_rows(tx, MEMBERSHIP_INSERT, 6, vec![row], MEMBERSHIP_UPSERT).await?;
+                sqlx::query(
+                    "INSERT INTO remote_invites (room_nid, user_id, event_nid, stripped_state) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (room_nid, user_id) DO UPDATE SET \
+                     event_nid = excluded.event_nid, stripped_state = excluded.stripped_state",
+                )
+                .bind(r.room_nid)
+                .bind(user)
+                .bind(event_nid)
+                .bind(stripped)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        let now = super::now_ms();
+        let outbox: Vec<Vec<V>> = rooms
+            .iter()
+            .flat_map(|r| r.outbox.iter())
+            .map(|(dest, nid)| vec![V::S(dest.clone()), V::I(*nid), V::I(now)])
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO federation_outbox (destination, event_nid, created_ts)",
+            3,
+            outbox,
+            "",
+        )
+        .await?;
         for r in rooms {
             for (target, json, by) in &r.redactions {
                 sqlx::query("UPDATE events SET json = $2, redacted_by = $3 WHERE event_nid = $1")
@@ -330,4 +446,52 @@ impl Store {
         }
         w.commit().await
     }
+}
+
+/// Sets a room's current state, memberships and state group explicitly.
+async fn write_current(
+    tx: &mut Transaction<'static, Any>,
+    room: i64,
+    c: &CurrentWrite,
+) -> Result<()> {
+    if c.replace_all {
+        sqlx::query("DELETE FROM current_state WHERE room_nid = $1")
+            .bind(room)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for k in &c.removes {
+        sqlx::query("DELETE FROM current_state WHERE room_nid = $1 AND state_key_nid = $2")
+            .bind(room)
+            .bind(k)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let rows = c
+        .upserts
+        .iter()
+        .map(|(k, ev)| vec![V::I(room), V::I(*k), V::I(*ev)])
+        .collect();
+    insert_rows(tx, CURRENT_INSERT, 3, rows, CURRENT_UPSERT).await?;
+    let rows = c
+        .memberships
+        .iter()
+        .map(|(user, m, ev)| {
+            vec![
+                V::I(room),
+                V::S(user.clone()),
+                V::S(m.clone()),
+                V::I(*ev),
+                V::I(c.position),
+                V::I(0),
+            ]
+        })
+        .collect();
+    insert_rows(tx, MEMBERSHIP_INSERT, 6, rows, MEMBERSHIP_UPSERT).await?;
+    sqlx::query("UPDATE rooms SET state_group = $2 WHERE room_nid = $1")
+        .bind(room)
+        .bind(c.group)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -20,10 +20,14 @@ pub struct EventRow {
     pub state_after: Option<i64>,
     pub redacted_by: Option<String>,
     pub json: String,
+    /// Stored outside the timeline (learnt as auth or state, refused, or soft-failed).
+    pub outlier: bool,
+    /// Failed the authorization rules: never used as state.
+    pub rejected: bool,
 }
 
 const EVENT_COLS: &str = "event_nid, event_id, room_nid, stream_ordering, depth, state_before, \
-                          state_after, redacted_by, json";
+                          state_after, redacted_by, json, outlier, rejected";
 
 fn event_row(r: AnyRow) -> EventRow {
     EventRow {
@@ -36,6 +40,8 @@ fn event_row(r: AnyRow) -> EventRow {
         state_after: r.get(6),
         redacted_by: r.get(7),
         json: r.get(8),
+        outlier: r.get::<i64, _>(9) != 0,
+        rejected: r.get::<i64, _>(10) != 0,
     }
 }
 

@@ -8,6 +8,7 @@
 mod accounts;
 mod batch;
 mod events;
+mod federation;
 mod misc;
 mod rooms;
 
@@ -19,7 +20,7 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use self::{accounts::*, batch::*, events::*, misc::*, rooms::*};
+pub use self::{accounts::*, batch::*, events::*, federation::*, misc::*, rooms::*};
 use crate::{Error, Result};
 
 /// Which database engine backs the store.

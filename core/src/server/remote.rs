@@ -1,0 +1,1065 @@
+//! Events from other servers: checking them against the authorization rules three times (their
+//! own auth events, the state before them, the room's current state), computing the state before
+//! an event whose parents fork (state resolution), storing auth-chain and state events as
+//! outliers, joining a room another server hosts, and remembering invites from other servers.
+//!
+//! Fetching what is missing is the federation crate's job: these functions say what they lack
+//! ([`Ingested::Missing`]) and are called again once it is stored.
+
+use std::collections::{HashMap, HashSet};
+
+use ruma::{
+    canonical_json::{CanonicalJsonObject, CanonicalJsonValue},
+    events::StateEventType,
+    state_res::utils::event_id_set::EventIdSet,
+    ServerName,
+};
+
+use super::*;
+use crate::store::{CurrentWrite, GroupWrite, OutlierWrite};
+
+/// What became of an event from another server.
+#[derive(Debug)]
+pub enum Ingested {
+    /// Added to the room's timeline.
+    Accepted(Arc<StoredEvent>),
+    /// Already stored.
+    Known,
+    /// Authorised by its own auth events and the state before it, but not by the room's current
+    /// state: stored, not shown, not built upon.
+    SoftFailed,
+    /// Refused by the authorization rules: remembered as rejected.
+    Rejected(String),
+    /// These events must be stored first (auth events or parents).
+    Missing(Vec<OwnedEventId>),
+}
+
+/// `(type, state_key) → event` for the auth rules.
+type AuthState = HashMap<(StateEventType, String), Arc<Pdu>>;
+
+/// Parses an event received from another server: checks its format for the room version and
+/// computes its event ID (the reference hash). Signatures and the content hash are checked by
+/// the caller, which knows the keys.
+pub fn pdu_from_federation(obj: &CanonicalJsonObject, version: &RoomVersionId) -> Result<Pdu> {
+    let rules = rules_for(version)?;
+    ruma::state_res::check_pdu_format(obj, &rules.event_format)
+        .map_err(|e| Error::bad_json(format!("malformed event: {e}")))?;
+    let hash = ruma::signatures::reference_hash(obj, &rules)
+        .map_err(|e| Error::bad_json(format!("event cannot be hashed: {e}")))?;
+    let event_id = OwnedEventId::try_from(format!("${hash}"))
+        .map_err(|e| Error::bad_json(format!("event id: {e}")))?;
+    let is_create = obj.get("type") == Some(&CanonicalJsonValue::String("m.room.create".into()));
+    let room_id = match obj.get("room_id") {
+        Some(CanonicalJsonValue::String(r)) => OwnedRoomId::try_from(r.as_str())
+            .map_err(|e| Error::bad_json(format!("room_id: {e}")))?,
+        _ if rules.authorization.room_create_event_id_as_room_id && is_create => {
+            OwnedRoomId::try_from(format!("!{hash}"))
+                .map_err(|e| Error::bad_json(format!("room id: {e}")))?
+        }
+        _ => return Err(Error::bad_json("event has no room_id")),
+    };
+    let json = serde_json::to_string(obj)?;
+    Pdu::parse(event_id, room_id, RawValue::from_string(json)?, false)
+}
+
+/// The event to store for a PDU whose content hash did not match: its redacted form.
+pub fn redacted_pdu(pdu: &Pdu, rules: &RoomVersionRules) -> Result<Pdu> {
+    let json = redact_json(&pdu.json, rules)?;
+    Pdu::parse(pdu.event_id.clone(), pdu.room_id.clone(), json, true)
+}
+
+fn outlier_row(nid: i64, pdu: &Pdu, rejected: bool, stream_ordering: Option<i64>) -> OutlierWrite {
+    OutlierWrite {
+        event_nid: nid,
+        event_id: pdu.event_id.to_string(),
+        event_type: pdu.kind.to_string(),
+        state_key: pdu.state_key.clone(),
+        sender: pdu.sender.to_string(),
+        depth: pdu.depth,
+        origin_server_ts: u64::from(pdu.origin_server_ts.0) as i64,
+        json: pdu.json.get().to_owned(),
+        rejected,
+        stream_ordering,
+    }
+}
+
+fn state_pair(pdu: &Pdu) -> Option<(StateEventType, String)> {
+    pdu.state_key
+        .as_ref()
+        .map(|sk| (StateEventType::from(pdu.kind.to_string()), sk.clone()))
+}
+
+/// Checks an event against the auth rules with the given state (the event's own auth events,
+/// the state before it, or the current state).
+fn check_auth(rules: &RoomVersionRules, pdu: &Pdu, state: &AuthState) -> Result<(), String> {
+    let by_id: HashMap<&ruma::EventId, &Pdu> =
+        state.values().map(|p| (&*p.event_id, &**p)).collect();
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        by_id.get(id).copied()
+    })?;
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |ty, sk| {
+        state.get(&(ty.clone(), sk.to_owned())).map(|p| &**p)
+    })
+}
+
+impl Server {
+    /// The event IDs among `ids` that are not stored at all.
+    pub async fn unknown_events(&self, ids: &[OwnedEventId]) -> Result<Vec<OwnedEventId>> {
+        let mut out = Vec::new();
+        for id in ids {
+            if self.event_by_id(id).await?.is_none() {
+                out.push(id.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The room's create event.
+    async fn create_event(&self, room: &RoomInfo, state: Option<&StateMap>) -> Result<Arc<Pdu>> {
+        if room.rules.authorization.room_create_event_id_as_room_id {
+            let id = OwnedEventId::try_from(format!("${}", room.room_id.strip_sigil()))
+                .map_err(|e| Error::internal(format!("create event id: {e}")))?;
+            if let Some(e) = self.event_by_id(&id).await? {
+                return Ok(e.pdu.clone());
+            }
+        }
+        if let Some(state) = state {
+            if let Some(e) = self.state_event(state, "m.room.create", "").await? {
+                return Ok(e.pdu.clone());
+            }
+        }
+        Err(Error::internal("the room's create event is not stored"))
+    }
+
+    /// An event's auth events as auth state (with the room's create event), or the IDs missing.
+    async fn auth_events_of(
+        &self,
+        room: &RoomInfo,
+        pdu: &Pdu,
+        extra: &HashMap<OwnedEventId, Arc<Pdu>>,
+    ) -> Result<std::result::Result<AuthState, Vec<OwnedEventId>>> {
+        let mut state = AuthState::new();
+        let mut missing = Vec::new();
+        for id in &pdu.auth_events {
+            let found = match extra.get(id) {
+                Some(p) => Some(p.clone()),
+                None => match self.event_by_id(id).await? {
+                    Some(e) if e.rejected => {
+                        return Err(Error::forbidden(format!("auth event {id} was rejected")))
+                    }
+                    Some(e) => Some(e.pdu.clone()),
+                    None => None,
+                },
+            };
+            match found {
+                Some(p) => {
+                    if let Some(k) = state_pair(&p) {
+                        state.insert(k, p);
+                    }
+                }
+                None => missing.push(id.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(Err(missing));
+        }
+        if pdu.kind != TimelineEventType::RoomCreate {
+            let key = (StateEventType::RoomCreate, String::new());
+            if !state.contains_key(&key) {
+                let create = match extra
+                    .values()
+                    .find(|p| p.kind == TimelineEventType::RoomCreate)
+                {
+                    Some(c) => c.clone(),
+                    None => self.create_event(room, None).await?,
+                };
+                state.insert(key, create);
+            }
+        }
+        Ok(Ok(state))
+    }
+
+    /// The events of `state` the auth rules may consult for `pdu`.
+    async fn auth_state_from(
+        &self,
+        rules: &RoomVersionRules,
+        state: &StateMap,
+        pdu: &Pdu,
+    ) -> Result<AuthState> {
+        let mut wanted = ruma::state_res::auth_types_for_event(
+            &pdu.kind,
+            &pdu.sender,
+            pdu.state_key.as_deref(),
+            &pdu.content,
+            &rules.authorization,
+        )
+        .unwrap_or_default();
+        wanted.push((StateEventType::RoomCreate, String::new()));
+        wanted.push((StateEventType::RoomPowerLevels, String::new()));
+        wanted.push((StateEventType::RoomJoinRules, String::new()));
+        wanted.push((StateEventType::RoomMember, pdu.sender.to_string()));
+        if let (TimelineEventType::RoomMember, Some(sk)) = (&pdu.kind, &pdu.state_key) {
+            wanted.push((StateEventType::RoomMember, sk.clone()));
+        }
+        let mut out = AuthState::new();
+        for (ty, sk) in wanted {
+            if let Some(e) = self.state_event(state, &ty.to_string(), &sk).await? {
+                out.insert((ty, sk), e.pdu.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores events learnt as auth or state (not part of the timeline we know), each checked
+    /// against its own auth events; ones failing are stored as rejected. Events whose auth
+    /// events are neither stored nor among `pdus` are skipped. Returns the rejected IDs.
+    pub async fn store_outliers(
+        &self,
+        room: &RoomInfo,
+        pdus: Vec<Pdu>,
+    ) -> Result<HashSet<OwnedEventId>> {
+        let mut pending: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        for p in pdus {
+            if self.event_by_id(&p.event_id).await?.is_none() {
+                pending.insert(p.event_id.clone(), Arc::new(p));
+            }
+        }
+        let mut accepted: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        let mut rejected: HashSet<OwnedEventId> = HashSet::new();
+        let mut rows = Vec::new();
+        // Topological order over auth_events: store an event once all its auth events are.
+        loop {
+            let ready: Vec<OwnedEventId> = pending
+                .values()
+                .filter(|p| {
+                    p.auth_events
+                        .iter()
+                        .all(|a| !pending.contains_key(a) || accepted.contains_key(a))
+                })
+                .map(|p| p.event_id.clone())
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            for id in ready {
+                let Some(p) = pending.remove(&id) else {
+                    continue;
+                };
+                let refused = if p.auth_events.iter().any(|a| rejected.contains(a)) {
+                    Some("an auth event was rejected".to_owned())
+                } else {
+                    match self.auth_events_of(room, &p, &accepted).await {
+                        Ok(Ok(state)) => check_auth(&room.rules, &p, &state).err(),
+                        Ok(Err(missing)) => {
+                            tracing::debug!(event = %id, ?missing, "outlier lacks auth events");
+                            continue;
+                        }
+                        Err(e) => Some(e.message()),
+                    }
+                };
+                let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+                rows.push(outlier_row(nid, &p, refused.is_some(), None));
+                match refused {
+                    Some(why) => {
+                        tracing::info!(event = %id, %why, "rejected outlier");
+                        rejected.insert(id);
+                    }
+                    None => {
+                        accepted.insert(id, p);
+                    }
+                }
+            }
+        }
+        if !rows.is_empty() {
+            let write = RoomWrite {
+                room_nid: room.nid,
+                outliers: rows,
+                ..Default::default()
+            };
+            self.store.write_rooms(&[&write]).await?;
+        }
+        Ok(rejected)
+    }
+
+    /// The auth chain of `ids` (every event reachable through `auth_events`), events stored.
+    pub async fn auth_chain(&self, ids: &[OwnedEventId]) -> Result<Vec<Arc<StoredEvent>>> {
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut out = Vec::new();
+        let mut queue: Vec<OwnedEventId> = ids.to_vec();
+        while let Some(id) = queue.pop() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Some(e) = self.event_by_id(&id).await? {
+                queue.extend(e.pdu.auth_events.iter().cloned());
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves several states of a room with the room version's state resolution.
+    pub async fn resolve_states(
+        &self,
+        room: &RoomInfo,
+        maps: &[Arc<StateMap>],
+    ) -> Result<StateMap> {
+        if maps.len() == 1 {
+            return Ok((*maps[0]).clone());
+        }
+        // Events of every state, by ID, with their state key IDs.
+        let mut pdus: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+        let mut key_of: HashMap<OwnedEventId, i64> = HashMap::new();
+        let mut ruma_maps = Vec::with_capacity(maps.len());
+        for m in maps {
+            let mut rm: ruma::state_res::StateMap<OwnedEventId> = HashMap::new();
+            let events = self
+                .events(&m.values().copied().collect::<Vec<_>>())
+                .await?;
+            for (k, e) in m.keys().zip(events.iter()) {
+                let _ = k;
+                if let Some(pair) = state_pair(&e.pdu) {
+                    rm.insert(pair, e.pdu.event_id.clone());
+                }
+                pdus.insert(e.pdu.event_id.clone(), e.pdu.clone());
+            }
+            for (k, nid) in m.iter() {
+                if let Some(e) = events.iter().find(|e| e.nid == *nid) {
+                    key_of.insert(e.pdu.event_id.clone(), *k);
+                }
+            }
+            ruma_maps.push(rm);
+        }
+        // Auth chains of each state.
+        let mut chains = Vec::with_capacity(maps.len());
+        for rm in &ruma_maps {
+            let ids: Vec<OwnedEventId> = rm.values().cloned().collect();
+            let chain = self.auth_chain(&ids).await?;
+            let mut set = EventIdSet::new();
+            for e in chain {
+                set.insert(e.pdu.event_id.clone());
+                pdus.entry(e.pdu.event_id.clone()).or_insert(e.pdu.clone());
+            }
+            chains.push(set);
+        }
+        let Some(state_res) = room.rules.state_res.v2_rules() else {
+            return Err(Error::internal("room version without state resolution v2"));
+        };
+        let fetch = |id: &ruma::EventId| pdus.get(id).cloned();
+        let subgraph = |conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>| {
+            Some(conflicted_subgraph(conflicted, &pdus))
+        };
+        let resolved = ruma::state_res::resolve(
+            &room.rules.authorization,
+            state_res,
+            ruma_maps.iter(),
+            chains,
+            fetch,
+            subgraph,
+        )
+        .map_err(|e| Error::internal(format!("state resolution: {e}")))?;
+        let mut out = StateMap::new();
+        for ((ty, sk), id) in resolved {
+            let k = match key_of.get(&id) {
+                Some(k) => *k,
+                None => self.state.intern(&self.store, &ty.to_string(), &sk).await?,
+            };
+            let nid = match self.event_by_id(&id).await? {
+                Some(e) => e.nid,
+                None => continue,
+            };
+            out.insert(k, nid);
+        }
+        Ok(out)
+    }
+
+    /// A state group for `map`: a delta on `base` when `map` only adds to or changes it,
+    /// otherwise a full snapshot.
+    fn group_for(&self, base: Option<(i64, &StateMap, i64)>, map: &StateMap) -> (GroupWrite, i64) {
+        let group = self.next_state_group.fetch_add(1, Ordering::Relaxed);
+        if let Some((bg, bmap, chain)) = base {
+            let removes = bmap.keys().any(|k| !map.contains_key(k));
+            if !removes && chain < MAX_CHAIN && bg != 0 {
+                let edits: Vec<(i64, i64)> = map
+                    .iter()
+                    .filter(|(k, v)| bmap.get(k) != Some(v))
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
+                return (
+                    GroupWrite {
+                        group,
+                        parent: Some(bg),
+                        chain_len: chain + 1,
+                        state_key_nid: 0,
+                        edits,
+                    },
+                    chain + 1,
+                );
+            }
+        }
+        (
+            GroupWrite {
+                group,
+                parent: None,
+                chain_len: 0,
+                state_key_nid: 0,
+                edits: map.iter().map(|(k, v)| (*k, *v)).collect(),
+            },
+            0,
+        )
+    }
+
+    /// How the current state changes from `old` to `new`, with the memberships it changes.
+    async fn current_change(
+        &self,
+        group: i64,
+        old: &StateMap,
+        new: &StateMap,
+        replace_all: bool,
+    ) -> Result<CurrentWrite> {
+        let upserts: Vec<(i64, i64)> = new
+            .iter()
+            .filter(|(k, v)| replace_all || old.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let removes: Vec<i64> = if replace_all {
+            vec![]
+        } else {
+            old.keys()
+                .filter(|k| !new.contains_key(k))
+                .copied()
+                .collect()
+        };
+        let mut memberships = Vec::new();
+        let changed: Vec<i64> = upserts.iter().map(|(_, v)| *v).collect();
+        for e in self.events(&changed).await? {
+            if e.pdu.kind == TimelineEventType::RoomMember {
+                if let (Some(sk), Some(m)) = (&e.pdu.state_key, e.pdu.content_str("membership")) {
+                    memberships.push((sk.clone(), m, e.nid));
+                }
+            }
+        }
+        Ok(CurrentWrite {
+            group,
+            replace_all,
+            upserts,
+            removes,
+            memberships,
+            position: 0,
+        })
+    }
+
+    /// Writes refused or soft-failed events outside the timeline.
+    async fn store_outside(&self, room: &RoomInfo, pdu: &Pdu, rejected: bool) -> Result<()> {
+        let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+        let write = RoomWrite {
+            room_nid: room.nid,
+            outliers: vec![outlier_row(nid, pdu, rejected, None)],
+            ..Default::default()
+        };
+        self.store.write_rooms(&[&write]).await
+    }
+
+    /// Adds an event from another server to a room we are in. `relay_from` is set when we are
+    /// the resident server passing on another server's join, leave or knock: it is then sent to
+    /// the room's other servers.
+    pub async fn ingest_pdu(
+        &self,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+        relay_from: Option<&ServerName>,
+    ) -> Result<Ingested> {
+        if pdu.room_id != room.room_id {
+            return Err(Error::bad_json("event is for another room"));
+        }
+        if self.event_by_id(&pdu.event_id).await?.is_some() {
+            return Ok(Ingested::Known);
+        }
+        // 1. Against its own auth events.
+        let auth = match self.auth_events_of(room, &pdu, &HashMap::new()).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(missing)) => return Ok(Ingested::Missing(missing)),
+            Err(e) => {
+                self.store_outside(room, &pdu, true).await?;
+                return Ok(Ingested::Rejected(e.message()));
+            }
+        };
+        if let Err(why) = check_auth(&room.rules, &pdu, &auth) {
+            self.store_outside(room, &pdu, true).await?;
+            return Ok(Ingested::Rejected(why));
+        }
+        // Parents: each must be in the timeline (with a state after it).
+        let mut prevs = Vec::with_capacity(pdu.prev_events.len());
+        let mut missing = Vec::new();
+        for id in &pdu.prev_events {
+            match self.event_by_id(id).await? {
+                Some(e) if !e.outlier && e.state_after.is_some() => prevs.push(e),
+                Some(e) if e.rejected => {}
+                _ => missing.push(id.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(Ingested::Missing(missing));
+        }
+        if prevs.is_empty() {
+            self.store_outside(room, &pdu, true).await?;
+            return Ok(Ingested::Rejected("every parent was rejected".into()));
+        }
+        let pdu = Arc::new(pdu);
+
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        let mut head = self.load_head(room, &mut guard).await?.clone();
+        if self.event_by_id(&pdu.event_id).await?.is_some() {
+            return Ok(Ingested::Known);
+        }
+        let committed = self.events_stream.current();
+        head.pending.retain(|_, (pos, _)| *pos > committed);
+
+        // 2. Against the state before it (resolved over its parents' states).
+        let mut groups: Vec<i64> = prevs.iter().filter_map(|e| e.state_after).collect();
+        groups.sort();
+        groups.dedup();
+        let mut before_maps = Vec::with_capacity(groups.len());
+        for g in &groups {
+            before_maps.push(self.state_map(*g).await?);
+        }
+        let mut extra_groups = Vec::new();
+        let (before_group, before_map, before_chain) = if groups.len() == 1 {
+            let (m, chain) = self.state.group(&self.store, groups[0]).await?;
+            (groups[0], m, chain)
+        } else {
+            let resolved = self.resolve_states(room, &before_maps).await?;
+            let (g, chain) = self.group_for(None, &resolved);
+            let group = g.group;
+            extra_groups.push(g);
+            let map = Arc::new(resolved);
+            self.state.insert_group(group, map.clone(), chain);
+            (group, map, chain)
+        };
+        let before_auth = self.auth_state_from(&room.rules, &before_map, &pdu).await?;
+        if let Err(why) = check_auth(&room.rules, &pdu, &before_auth) {
+            drop(guard);
+            self.store_outside(room, &pdu, true).await?;
+            return Ok(Ingested::Rejected(format!(
+                "not allowed by the state before it: {why}"
+            )));
+        }
+        // 3. Against the current state: soft failure.
+        let current_auth = self.auth_state_from(&room.rules, &head.state, &pdu).await?;
+        if let Err(why) = check_auth(&room.rules, &pdu, &current_auth) {
+            drop(guard);
+            tracing::info!(event = %pdu.event_id, %why, "soft-failed event");
+            self.store_outside(room, &pdu, false).await?;
+            return Ok(Ingested::SoftFailed);
+        }
+
+        // The state after it, the new extremities and the new current state.
+        let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+        let mut after_map = (*before_map).clone();
+        let mut new_group = None;
+        if let Some(sk) = &pdu.state_key {
+            let k = self
+                .state
+                .intern(&self.store, &pdu.kind.to_string(), sk)
+                .await?;
+            after_map.insert(k, nid);
+            let (g, chain) =
+                self.group_for(Some((before_group, &before_map, before_chain)), &after_map);
+            new_group = Some(AppliedGroup {
+                group: g.group,
+                state_key_nid: k,
+                parent: g.parent,
+                chain_len: chain,
+                edits: g.edits,
+            });
+        }
+        let after_map = Arc::new(after_map);
+        let after_group = new_group.as_ref().map_or(before_group, |g| g.group);
+        let after_chain = new_group.as_ref().map_or(before_chain, |g| g.chain_len);
+        let mut extremities: Vec<(OwnedEventId, i64, i64)> = head
+            .extremities
+            .iter()
+            .filter(|(id, _, _)| !pdu.prev_events.contains(id))
+            .cloned()
+            .collect();
+        extremities.push((pdu.event_id.clone(), pdu.depth, nid));
+        let (current_group, current_map, current_chain) = if extremities.len() == 1 {
+            (after_group, after_map.clone(), after_chain)
+        } else {
+            let mut maps = vec![after_map.clone()];
+            for (_, _, enid) in extremities.iter().filter(|(_, _, n)| *n != nid) {
+                let group = match head.pending.get(enid) {
+                    Some(_) => Some(head.state_group),
+                    None => self.event(*enid).await?.state_after,
+                };
+                if let Some(g) = group {
+                    maps.push(self.state_map(g).await?);
+                }
+            }
+            let resolved = self.resolve_states(room, &maps).await?;
+            if resolved == *after_map {
+                (after_group, after_map.clone(), after_chain)
+            } else {
+                let (g, chain) = self.group_for(None, &resolved);
+                let group = g.group;
+                extra_groups.push(g);
+                (group, Arc::new(resolved), chain)
+            }
+        };
+        let mut current = self
+            .current_change(current_group, &head.state, &current_map, false)
+            .await?;
+        // The new event's own membership is known before it is stored.
+        if current_map.get(&new_group.as_ref().map_or(-1, |g| g.state_key_nid)) == Some(&nid) {
+            if let (TimelineEventType::RoomMember, Some(sk), Some(m)) =
+                (&pdu.kind, &pdu.state_key, pdu.content_str("membership"))
+            {
+                current.memberships.push((sk.clone(), m, nid));
+            }
+        }
+        // A redaction applies when its sender may redact the target (or both come from one
+        // server); otherwise it is kept but changes nothing.
+        let redaction = match &pdu.redacts {
+            Some(target_id) => match self.event_by_id(target_id).await? {
+                Some(t) if t.room_nid == room.nid && t.redacted_by.is_none() => {
+                    let pl = current_auth.get(&(StateEventType::RoomPowerLevels, String::new()));
+                    let create = current_auth.get(&(StateEventType::RoomCreate, String::new()));
+                    let power = crate::power::PowerLevels::from_state(
+                        pl.map(|p| &**p),
+                        create.map(|p| &**p),
+                        &room.rules,
+                    );
+                    let allowed = power.can_redact(&pdu.sender)
+                        || t.pdu.sender.server_name() == pdu.sender.server_name();
+                    if allowed {
+                        Some((
+                            t.nid,
+                            redact_json(&t.pdu.json, &room.rules)?.get().to_owned(),
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let built = Built {
+            pdu: pdu.clone(),
+            sender_txn: None,
+            redaction,
+        };
+        let applied = Applied {
+            nid,
+            state_before: before_group,
+            new_group,
+            state_after: after_map,
+        };
+        head.extremities = extremities;
+        head.state = current_map;
+        head.state_group = current_group;
+        head.chain_len = current_chain;
+        self.members(room.nid).await?;
+        let extras = Extras {
+            servers: self.room_servers(room.nid).await?,
+            extra_groups,
+            current: Some(current),
+            relay_from: relay_from.map(|s| s.to_string()),
+        };
+        let generation = head.generation;
+        let done =
+            self.enqueue_write(room, false, vec![built], vec![applied], &mut head, extras)?;
+        *guard = Some(head);
+        drop(guard);
+        let mut stored = self.await_write(room, generation, done).await?;
+        stored
+            .pop()
+            .map(Ingested::Accepted)
+            .ok_or_else(|| Error::internal("write returned nothing"))
+    }
+
+    /// Joins a room hosted elsewhere: stores the state and auth chain the resident server sent
+    /// (each checked against its own auth events), then our join event on top of that state,
+    /// all in one transaction. Works for a room we knew before (a rejoin) as for a new one.
+    pub async fn join_from_remote(
+        &self,
+        version: RoomVersionId,
+        room_id: &RoomId,
+        state: Vec<Pdu>,
+        auth_chain: Vec<Pdu>,
+        join: Pdu,
+    ) -> Result<(Arc<RoomInfo>, Arc<StoredEvent>)> {
+        let rules = rules_for(&version)?;
+        let (room, new_room) = match self.room(room_id).await? {
+            Some(r) => (r, false),
+            None => {
+                let nid = self.next_room_nid.fetch_add(1, Ordering::Relaxed);
+                (
+                    Arc::new(RoomInfo {
+                        nid,
+                        room_id: room_id.to_owned(),
+                        version: version.clone(),
+                        rules,
+                    }),
+                    true,
+                )
+            }
+        };
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        if new_room {
+            // The room row must exist before its outliers are written.
+            let write = RoomWrite {
+                room_nid: room.nid,
+                new_room: Some((room.room_id.to_string(), room.version.to_string())),
+                ..Default::default()
+            };
+            self.store.write_rooms(&[&write]).await?;
+            self.rooms
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.nid, room.clone());
+            self.room_nids
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.room_id.clone(), room.nid);
+        }
+        let state_ids: Vec<OwnedEventId> = state.iter().map(|p| p.event_id.clone()).collect();
+        let mut all = auth_chain;
+        all.extend(state);
+        let rejected = self.store_outliers(&room, all).await?;
+        // The room's state as the resident server sent it, without refused events.
+        let mut map = StateMap::new();
+        for id in &state_ids {
+            if rejected.contains(id) {
+                continue;
+            }
+            let Some(e) = self.event_by_id(id).await? else {
+                continue;
+            };
+            if e.rejected {
+                continue;
+            }
+            if let Some(sk) = &e.pdu.state_key {
+                let k = self
+                    .state
+                    .intern(&self.store, &e.pdu.kind.to_string(), sk)
+                    .await?;
+                map.insert(k, e.nid);
+            }
+        }
+        if self.state_event(&map, "m.room.create", "").await?.is_none() {
+            return Err(Error::new(
+                crate::ErrorKind::BadJson,
+                "the resident server's state has no create event",
+            ));
+        }
+        let join = Arc::new(join);
+        let auth = self.auth_state_from(&room.rules, &map, &join).await?;
+        check_auth(&room.rules, &join, &auth)
+            .map_err(|e| Error::forbidden(format!("join not allowed by the room's state: {e}")))?;
+        let (snapshot, _) = self.group_for(None, &map);
+        let before_group = snapshot.group;
+        let before_map = Arc::new(map);
+        self.state.insert_group(before_group, before_map.clone(), 0);
+        let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+        let sk = join.state_key.clone().unwrap_or_default();
+        let k = self.state.intern(&self.store, "m.room.member", &sk).await?;
+        let mut after = (*before_map).clone();
+        after.insert(k, nid);
+        let (g, chain) = self.group_for(Some((before_group, &before_map, 0)), &after);
+        let after = Arc::new(after);
+        let old_state = match guard.as_ref() {
+            Some(h) => h.state.clone(),
+            None if new_room => Arc::new(StateMap::new()),
+            None => self.load_head(&room, &mut guard).await?.state.clone(),
+        };
+        let mut current = self
+            .current_change(g.group, &old_state, &after, true)
+            .await?;
+        current
+            .memberships
+            .push((sk.clone(), "join".to_owned(), nid));
+        let mut head = RoomHead {
+            extremities: vec![(join.event_id.clone(), join.depth, nid)],
+            state_group: g.group,
+            chain_len: chain,
+            state: after.clone(),
+            generation: next_generation(),
+            pending: HashMap::new(),
+        };
+        let applied = Applied {
+            nid,
+            state_before: before_group,
+            new_group: Some(AppliedGroup {
+                group: g.group,
+                state_key_nid: k,
+                parent: g.parent,
+                chain_len: chain,
+                edits: g.edits,
+            }),
+            state_after: after,
+        };
+        let built = Built {
+            pdu: join,
+            sender_txn: None,
+            redaction: None,
+        };
+        self.members
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room.nid);
+        let extras = Extras {
+            servers: Arc::new(Vec::new()),
+            extra_groups: vec![snapshot],
+            current: Some(current),
+            relay_from: None,
+        };
+        let generation = head.generation;
+        let done =
+            self.enqueue_write(&room, false, vec![built], vec![applied], &mut head, extras)?;
+        *guard = Some(head);
+        drop(guard);
+        let mut stored = self.await_write(&room, generation, done).await?;
+        let ev = stored
+            .pop()
+            .ok_or_else(|| Error::internal("write returned nothing"))?;
+        Ok((room, ev))
+    }
+
+    /// Remembers an invite from another server to one of our users (for a room we may not be
+    /// in): the invite event outside the timeline, the invitee's membership and the stripped
+    /// state shown with it.
+    pub async fn store_remote_invite(
+        &self,
+        version: RoomVersionId,
+        invite: Pdu,
+        stripped: Vec<serde_json::Value>,
+    ) -> Result<()> {
+        let rules = rules_for(&version)?;
+        let user = invite
+            .state_key
+            .clone()
+            .ok_or_else(|| Error::bad_json("invite without state_key"))?;
+        let room = match self.room(&invite.room_id).await? {
+            Some(r) => r,
+            None => {
+                let nid = self.next_room_nid.fetch_add(1, Ordering::Relaxed);
+                let room = Arc::new(RoomInfo {
+                    nid,
+                    room_id: invite.room_id.clone(),
+                    version: version.clone(),
+                    rules,
+                });
+                let write = RoomWrite {
+                    room_nid: nid,
+                    new_room: Some((room.room_id.to_string(), version.to_string())),
+                    ..Default::default()
+                };
+                self.store.write_rooms(&[&write]).await?;
+                room
+            }
+        };
+        let lock = self.head_lock(room.nid);
+        let _guard = lock.lock().await;
+        if self.event_by_id(&invite.event_id).await?.is_some() {
+            return Ok(());
+        }
+        let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
+        let positions = self.events_stream.allocate(1);
+        let pos = positions[0];
+        let write = RoomWrite {
+            room_nid: room.nid,
+            outliers: vec![outlier_row(nid, &invite, false, Some(pos))],
+            remote_invite: Some((user.clone(), nid, pos, serde_json::to_string(&stripped)?)),
+            ..Default::default()
+        };
+        let result = self.store.write_rooms(&[&write]).await;
+        if result.is_ok() {
+            self.members
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&room.nid);
+            self.membership_epoch.fetch_add(1, Ordering::AcqRel);
+            self.user_rooms
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&user);
+            self.room_positions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(room.nid, pos);
+        }
+        self.events_stream.complete(&positions);
+        self.notifier.wake([user.as_str()]);
+        result
+    }
+
+    /// Builds and signs an event on the room's current state without adding it (an invite for
+    /// another server to countersign, a membership template).
+    pub async fn build_detached(
+        &self,
+        room: &Arc<RoomInfo>,
+        sender: &UserId,
+        event: NewEvent,
+    ) -> Result<Arc<Pdu>> {
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        let head = self.load_head(room, &mut guard).await?.clone();
+        drop(guard);
+        let local = head
+            .pending
+            .iter()
+            .map(|(n, (_, p))| (*n, p.clone()))
+            .collect();
+        let built = self
+            .build_one(
+                room,
+                &head,
+                &local,
+                Append {
+                    sender: sender.to_owned(),
+                    event,
+                    txn: None,
+                },
+            )
+            .await?;
+        Ok(built.pdu)
+    }
+
+    /// The fields of an event another server will complete and sign (`make_join` and
+    /// friends): prev_events, auth_events and depth from the current state. Checked against
+    /// the auth rules first, so a refusal comes back at once.
+    pub async fn membership_template(
+        &self,
+        room: &Arc<RoomInfo>,
+        user: &UserId,
+        membership: &str,
+    ) -> Result<serde_json::Value> {
+        let lock = self.head_lock(room.nid);
+        let mut guard = lock.lock().await;
+        let head = self.load_head(room, &mut guard).await?.clone();
+        drop(guard);
+        let content = serde_json::json!({ "membership": membership });
+        let raw = serde_json::value::to_raw_value(&content)?;
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &TimelineEventType::RoomMember,
+            user,
+            Some(user.as_str()),
+            &raw,
+            &room.rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut auth_events = Vec::new();
+        for (ty, sk) in &auth_types {
+            if room.rules.authorization.room_create_event_id_as_room_id
+                && *ty == StateEventType::RoomCreate
+            {
+                continue;
+            }
+            if let Some(e) = self.state_event(&head.state, &ty.to_string(), sk).await? {
+                auth_events.push(e.pdu.event_id.to_string());
+            }
+        }
+        auth_events.sort();
+        auth_events.dedup();
+        let prev: Vec<String> = head
+            .extremities
+            .iter()
+            .take(MAX_PREV_EVENTS)
+            .map(|(id, _, _)| id.to_string())
+            .collect();
+        let depth = head
+            .extremities
+            .iter()
+            .map(|(_, d, _)| *d)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = u64::from(MilliSecondsSinceUnixEpoch::now().0);
+        let mut template = serde_json::json!({
+            "type": "m.room.member",
+            "state_key": user,
+            "sender": user,
+            "content": content,
+            "room_id": room.room_id,
+            "origin": user.server_name(),
+            "origin_server_ts": now,
+            "depth": depth,
+            "prev_events": prev,
+            "auth_events": auth_events,
+        });
+        // Check the rules on the unsigned template.
+        let obj = crate::pdu::canonical_object(template.clone())?;
+        let probe = pdu_from_federation(&obj, &room.version)?;
+        let auth = self
+            .auth_state_from(&room.rules, &head.state, &probe)
+            .await?;
+        check_auth(&room.rules, &probe, &auth).map_err(|e| Error::forbidden(format!("{e}")))?;
+        if let Some(o) = template.as_object_mut() {
+            o.remove("origin");
+        }
+        Ok(template)
+    }
+
+    /// The stripped state stored with an invite from another server.
+    pub async fn remote_invite_state(
+        &self,
+        room_nid: i64,
+        user: &str,
+    ) -> Result<Option<Vec<serde_json::Value>>> {
+        Ok(match self.store.remote_invite(room_nid, user).await? {
+            Some(s) => Some(serde_json::from_str(&s)?),
+            None => None,
+        })
+    }
+}
+
+/// The conflicted state subgraph (room v12): events on an auth path from one conflicted event
+/// to another.
+fn conflicted_subgraph(
+    conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>,
+    pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
+) -> EventIdSet<OwnedEventId> {
+    let targets: HashSet<&OwnedEventId> = conflicted.values().flatten().collect();
+    // reaches[e]: e reaches a conflicted event through auth_events (e itself excluded).
+    let mut reaches: HashMap<OwnedEventId, bool> = HashMap::new();
+    fn visit(
+        id: &OwnedEventId,
+        pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
+        targets: &HashSet<&OwnedEventId>,
+        reaches: &mut HashMap<OwnedEventId, bool>,
+        depth: usize,
+    ) -> bool {
+        if let Some(r) = reaches.get(id) {
+            return *r;
+        }
+        reaches.insert(id.clone(), false);
+        let mut r = false;
+        if depth < 10_000 {
+            if let Some(p) = pdus.get(id) {
+                for a in &p.auth_events {
+                    if targets.contains(a) || visit(a, pdus, targets, reaches, depth + 1) {
+                        r = true;
+                    }
+                }
+            }
+        }
+        reaches.insert(id.clone(), r);
+        r
+    }
+    let mut out = EventIdSet::new();
+    for t in &targets {
+        visit(t, pdus, &targets, &mut reaches, 0);
+    }
+    for (id, r) in &reaches {
+        if *r || targets.contains(id) {
+            out.insert(id.clone());
+        }
+    }
+    for t in targets {
+        out.insert(t.clone());
+    }
+    out
+}
