@@ -10,6 +10,7 @@ mod batch;
 mod events;
 mod misc;
 mod rooms;
+pub mod server_keys;
 
 use std::{str::FromStr, time::Duration};
 
