@@ -183,4 +183,131 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("tls.crt")).unwrap(), first);
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    use axum::{extract::FromRef, http::Method, routing::put, Json};
+    use myelin_core::Server;
+    use myelin_federation::{
+        auth::Signed, client::FederationClient, key_server::key_routes, keyring::KeyRing,
+    };
+    use serde_json::{json, Value};
+
+    #[derive(Clone)]
+    struct Fed {
+        server: Arc<Server>,
+        ring: Arc<KeyRing>,
+    }
+    impl FromRef<Fed> for Arc<Server> {
+        fn from_ref(f: &Fed) -> Self {
+            f.server.clone()
+        }
+    }
+    impl FromRef<Fed> for Arc<KeyRing> {
+        fn from_ref(f: &Fed) -> Self {
+            f.ring.clone()
+        }
+    }
+
+    async fn echo(signed: Signed) -> Json<Value> {
+        Json(json!({"origin": signed.origin, "body": signed.body}))
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn start(port: u16, tag: &str) -> (Arc<Server>, Arc<FederationClient>) {
+        let dir = std::env::temp_dir().join(format!("myelin-fed-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config {
+            server_name: format!("127.0.0.1:{port}"),
+            data_dir: dir,
+            federation_verify_tls: false,
+            federation_allow_private_addresses: true,
+            ..Config::default()
+        };
+        let server = Server::open(config.clone()).await.unwrap();
+        let client = Arc::new(FederationClient::new(server.clone()).unwrap());
+        let ring = Arc::new(KeyRing::new(server.clone(), client.clone()));
+        let router = key_routes()
+            .route("/_matrix/federation/v1/echo/{x}", put(echo))
+            .with_state(Fed {
+                server: server.clone(),
+                ring,
+            });
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        tokio::spawn(async move {
+            serve(addr, router, &config, std::future::pending::<()>())
+                .await
+                .unwrap()
+        });
+        (server, client)
+    }
+
+    /// Two servers over real TLS: a signed request verified with keys fetched from the sender,
+    /// an unsigned one refused, a notary answer signed twice, and the SSRF guard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_federate_over_tls() {
+        let (pa, pb) = (free_port(), free_port());
+        let (a, _) = start(pa, "a").await;
+        let (b, b_client) = start(pb, "b").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let body = json!({"hello": "world"});
+        let answer = b_client
+            .request(
+                &a.server_name,
+                Method::PUT,
+                "/_matrix/federation/v1/echo/1?x=y",
+                Some(&body),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer["origin"], json!(b.server_name));
+        assert_eq!(answer["body"], body);
+
+        let refused = b_client
+            .get_unauthenticated(&a.server_name, "/_matrix/federation/v1/echo/1")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status(), Some(405)); // GET is not routed
+
+        // Notary: A vouches for B's keys (fetched and cached when A verified B's request).
+        let notary = b_client
+            .request(
+                &a.server_name,
+                Method::POST,
+                "/_matrix/key/v2/query",
+                Some(&json!({"server_keys": {b.server_name.as_str(): {}}})),
+            )
+            .await
+            .unwrap();
+        let keys = &notary["server_keys"][0];
+        assert_eq!(keys["server_name"], json!(b.server_name));
+        assert!(keys["signatures"][a.server_name.as_str()].is_object());
+        assert!(keys["signatures"][b.server_name.as_str()].is_object());
+
+        // The SSRF guard refuses loopback unless allowed.
+        let guarded = Config {
+            server_name: "guarded.example".into(),
+            data_dir: std::env::temp_dir().join(format!("myelin-fed-guard-{}", std::process::id())),
+            ..Config::default()
+        };
+        let g = Server::open(guarded).await.unwrap();
+        let g_client = FederationClient::new(g.clone()).unwrap();
+        let e = g_client
+            .get_unauthenticated(&a.server_name, "/_matrix/key/v2/server")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, myelin_federation::client::FedError::Forbidden { .. }),
+            "{e}"
+        );
+        for s in [&a, &b, &g] {
+            let _ = std::fs::remove_dir_all(&s.config.data_dir);
+        }
+    }
 }

@@ -204,7 +204,95 @@ where
 
 #[cfg(test)]
 mod tests {
+    use axum::{body::Body, routing::put, Router};
+    use myelin_core::{ruma::ServerName, Server};
+    use tower::ServiceExt;
+
     use super::*;
+    use crate::{client::x_matrix_header, client::FederationClient};
+
+    async fn echo(signed: Signed) -> Json<Value> {
+        Json(json!({"origin": signed.origin}))
+    }
+
+    async fn call(app: &Router, auth: Option<String>, body: &'static str) -> (u16, Value) {
+        let mut req = http::Request::builder()
+            .method("PUT")
+            .uri("/_matrix/federation/v1/echo/1?x=y");
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn signed_extractor_accepts_and_rejects() {
+        let dir = std::env::temp_dir().join(format!("myelin-auth-{}", std::process::id()));
+        let config = myelin_core::config::Config {
+            server_name: "us.example".into(),
+            data_dir: dir.clone(),
+            ..Default::default()
+        };
+        let server = Server::open(config).await.unwrap();
+        let client = Arc::new(FederationClient::new(server.clone()).unwrap());
+        let ring = Arc::new(KeyRing::new(server.clone(), client));
+        let app = Router::new()
+            .route("/_matrix/federation/v1/echo/{x}", put(echo))
+            .with_state(ring);
+        let sign = |dest: &str, target: &str, body: &[u8]| {
+            // Signed by ourselves, whose keys need no fetch.
+            x_matrix_header(
+                &server.server_name,
+                <&ServerName>::try_from(dest).unwrap(),
+                &server.key.pair,
+                &http::Method::PUT,
+                target,
+                body,
+            )
+            .unwrap()
+        };
+        let target = "/_matrix/federation/v1/echo/1?x=y";
+
+        let ok = sign("us.example", target, br#"{"a":1}"#);
+        let (status, body) = call(&app, Some(ok.clone()), r#"{"a": 1}"#).await;
+        assert_eq!((status, body["origin"].as_str()), (200, Some("us.example")));
+
+        let (status, body) = call(&app, None, "{}").await;
+        assert_eq!(
+            (status, body["errcode"].as_str()),
+            (401, Some("M_UNAUTHORIZED"))
+        );
+        let (status, body) = call(&app, Some(ok), r#"{"a":2}"#).await;
+        assert_eq!(
+            (status, body["errcode"].as_str()),
+            (401, Some("M_UNAUTHORIZED"))
+        );
+        let elsewhere = sign("them.example", target, br#"{"a":1}"#);
+        let (status, _) = call(&app, Some(elsewhere), r#"{"a":1}"#).await;
+        assert_eq!(status, 401);
+        let wrong_target = sign("us.example", "/_matrix/federation/v1/echo/1", br#"{"a":1}"#);
+        let (status, _) = call(&app, Some(wrong_target), r#"{"a":1}"#).await;
+        assert_eq!(status, 401);
+        let not_json = sign("us.example", target, b"");
+        let (status, body) = call(&app, Some(not_json), "nope").await;
+        assert_eq!(
+            (status, body["errcode"].as_str()),
+            (400, Some("M_NOT_JSON"))
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn lenient_x_matrix_parsing() {
