@@ -25,6 +25,15 @@ pub const ENV_OPTIONS: &[(&str, &str)] = &[
     ),
     ("MYELIN_LOG_FORMAT", "log_format"),
     ("MYELIN_LOG", "log_filter"),
+    ("MYELIN_FEDERATION_LISTEN", "federation_listen"),
+    ("MYELIN_TLS_CERTIFICATE", "tls_certificate"),
+    ("MYELIN_TLS_PRIVATE_KEY", "tls_private_key"),
+    ("MYELIN_FEDERATION_VERIFY_TLS", "federation_verify_tls"),
+    ("MYELIN_FEDERATION_CA_FILE", "federation_ca_file"),
+    (
+        "MYELIN_FEDERATION_ALLOW_PRIVATE_ADDRESSES",
+        "federation_allow_private_addresses",
+    ),
 ];
 
 fn parse<T: FromStr>(option: &str, value: &str) -> Result<T, String>
@@ -34,6 +43,18 @@ where
     value
         .parse()
         .map_err(|e| format!("option `{option}`: {e} (got {value:?})"))
+}
+
+/// An optional value: empty means unset.
+fn optional<T: FromStr>(option: &str, value: &str) -> Result<Option<T>, String>
+where
+    T::Err: std::fmt::Display,
+{
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse(option, value).map(Some)
+    }
 }
 
 /// Loads the configuration from an optional file and the environment.
@@ -64,6 +85,14 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
             "access_token_lifetime_ms" => c.access_token_lifetime_ms = parse(option, &value)?,
             "log_format" => c.log_format = parse(option, &value)?,
             "log_filter" => c.log_filter = value,
+            "federation_listen" => c.federation_listen = optional(option, &value)?,
+            "tls_certificate" => c.tls_certificate = optional(option, &value)?,
+            "tls_private_key" => c.tls_private_key = optional(option, &value)?,
+            "federation_verify_tls" => c.federation_verify_tls = parse(option, &value)?,
+            "federation_ca_file" => c.federation_ca_file = optional(option, &value)?,
+            "federation_allow_private_addresses" => {
+                c.federation_allow_private_addresses = parse(option, &value)?
+            }
             _ => {}
         }
     }
@@ -109,6 +138,25 @@ fn validate(c: &Config) -> Result<(), String> {
     if c.max_request_body_bytes < 1024 {
         return Err("option `max_request_body_bytes`: must be at least 1024".to_owned());
     }
+    if c.tls_certificate.is_some() != c.tls_private_key.is_some() {
+        return Err(
+            "option `tls_certificate`: tls_certificate and tls_private_key go together".to_owned(),
+        );
+    }
+    for (option, path) in [
+        ("tls_certificate", &c.tls_certificate),
+        ("tls_private_key", &c.tls_private_key),
+        ("federation_ca_file", &c.federation_ca_file),
+    ] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(format!(
+                    "option `{option}`: {} is not a readable file",
+                    path.display()
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -133,6 +181,15 @@ mod tests {
         .unwrap();
         let c = load(Some(&f)).unwrap();
         assert_eq!(c.server_name, "example.org:8448");
+        assert!(c.federation_verify_tls && c.federation_listen.is_none());
+        std::fs::write(&f, "federation_listen = \"0.0.0.0:8448\"\nfederation_verify_tls = false\nfederation_allow_private_addresses = true\n").unwrap();
+        let c = load(Some(&f)).unwrap();
+        assert_eq!(c.federation_listen, Some(([0, 0, 0, 0], 8448).into()));
+        assert!(!c.federation_verify_tls && c.federation_allow_private_addresses);
+        std::fs::write(&f, "federation_listen = \"nowhere\"\n").unwrap();
+        assert!(load(Some(&f)).unwrap_err().contains("federation_listen"));
+        std::fs::write(&f, "tls_certificate = \"/nonexistent/cert.pem\"\ntls_private_key = \"/nonexistent/key.pem\"\n").unwrap();
+        assert!(load(Some(&f)).unwrap_err().contains("tls_certificate"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! subcommands (users, registration tokens).
 
 mod config;
+mod tls;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -135,19 +136,43 @@ async fn serve(config: myelin_core::config::Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("option `client_listen`: cannot listen on {addr}: {e}"))?;
     tracing::info!(%addr, server_name = server.server_name(), schema, "Myelin is listening");
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
     let shutdown_server = server.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: answering waiting syncs, finishing requests");
+        shutdown_server
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        shutdown_server.notifier.wake_all();
+        let _ = stop_tx.send(true);
+    });
+    let federation = async {
+        match server.config.federation_listen {
+            Some(addr) => {
+                let router = myelin_federation::router(server.clone())
+                    .layer(tower_http::trace::TraceLayer::new_for_http());
+                tls::serve(addr, router, &server.config, stopped()).await
+            }
+            None => Ok(()),
+        }
+    };
     // `into_make_service` clones the router per connection; serving the `Router` itself would
     // rebuild its route table for every connection (measured: ~2 KiB held per connection).
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: answering waiting syncs, finishing requests");
-            shutdown_server
-                .shutting_down
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            shutdown_server.notifier.wake_all();
-        })
-        .await?;
+    let client = async {
+        axum::serve(listener, app.into_make_service())
+            .with_graceful_shutdown(stopped())
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    tokio::try_join!(client, federation)?;
     server.store.close().await;
     tracing::info!("stopped");
     Ok(())

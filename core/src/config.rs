@@ -79,6 +79,20 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `myelin=debug,info`.
     pub log_filter: String,
+    /// Address of the TLS Server-Server API listener; `None` runs no federation listener.
+    pub federation_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the federation listener. When neither it nor
+    /// `tls_private_key` is set, a self-signed certificate is made once in `data_dir`.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key for `tls_certificate`.
+    pub tls_private_key: Option<PathBuf>,
+    /// Verify the TLS certificates of other servers (turn off only for tests).
+    pub federation_verify_tls: bool,
+    /// Extra trusted CA certificates (PEM) for outbound federation, e.g. a test CA.
+    pub federation_ca_file: Option<PathBuf>,
+    /// Allow outbound federation to loopback, private, link-local and similar addresses
+    /// (off by default: a server name must not make us reach into our own network).
+    pub federation_allow_private_addresses: bool,
 }
 
 impl Default for Config {
@@ -96,6 +110,12 @@ impl Default for Config {
             access_token_lifetime_ms: 60 * 60 * 1000,
             log_format: LogFormat::Pretty,
             log_filter: "info,ruma_state_res=warn".to_owned(),
+            federation_listen: None,
+            tls_certificate: None,
+            tls_private_key: None,
+            federation_verify_tls: true,
+            federation_ca_file: None,
+            federation_allow_private_addresses: false,
         }
     }
 }

@@ -11,6 +11,7 @@ mod events;
 mod federation;
 mod misc;
 mod rooms;
+pub mod server_keys;
 
 use std::{str::FromStr, time::Duration};
 
