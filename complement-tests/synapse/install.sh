@@ -21,6 +21,18 @@ if installed; then
   echo "$VENV"
   exit 0
 fi
+# A venv this script did not make (say, MYELIN_SYNAPSE_VENV pointing at one made by
+# hand): use it if it has the pinned version, and never delete it.
+if [ -e "$VENV" ] && [ ! -e "$VENV/$STAMP_NAME" ]; then
+  if [ "$("$VENV/bin/python" -c 'import synapse; print(synapse.__version__)' 2>/dev/null)" \
+    = "$SYNAPSE_VERSION" ]; then
+    echo "$VENV"
+    exit 0
+  fi
+  echo "$VENV exists but has no matrix-synapse==$SYNAPSE_VERSION and was not made by" \
+    "$0; remove it or point MYELIN_SYNAPSE_VENV elsewhere" >&2
+  exit 1
+fi
 
 mkdir -p "$(dirname "$VENV")"
 exec 9>"$VENV.lock"

@@ -120,3 +120,29 @@ async fn federating_restart(server: &TestServer) -> anyhow::Result<()> {
     anyhow::ensure!(server.federation_url() == Some(federation_url.as_str()));
     Ok(())
 }
+
+/// A stopped Synapse comes back on the same ports with its database: the
+/// user registered before logs in again, and the room is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_restarts_with_its_data() {
+    let synapse = Synapse::start().await.expect("starting Synapse");
+    if let Err(err) = synapse_restart(&synapse).await {
+        synapse.print_log_tail();
+        panic!("{err:?}");
+    }
+}
+
+async fn synapse_restart(synapse: &Synapse) -> anyhow::Result<()> {
+    let bob = synapse.register("bob", "bobpw").await?;
+    let room_id = bob.create_room(&serde_json::json!({})).await?;
+    synapse.stop(Duration::from_secs(10)).await?;
+    anyhow::ensure!(synapse.pid().is_none());
+    anyhow::ensure!(bob.get("/account/whoami").await.is_err());
+    let started = Instant::now();
+    synapse.restart().await?;
+    eprintln!("Synapse restarted in {:?}", started.elapsed());
+    let again = synapse.login("bob", "bobpw", None).await?;
+    let joined = complement_tests::ok(again.get("/joined_rooms").await?);
+    anyhow::ensure!(joined["joined_rooms"][0] == room_id.as_str(), "{joined}");
+    Ok(())
+}
