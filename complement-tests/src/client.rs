@@ -172,10 +172,14 @@ impl Client {
         &self.base_url
     }
 
-    /// The full URL for `path`; paths not under `/_matrix/` or
-    /// `/.well-known/` are taken relative to `/_matrix/client/v3`.
+    /// The full URL for `path`; paths not under `/_matrix/`, `/_synapse/`
+    /// (Synapse's admin API) or `/.well-known/` are taken relative to
+    /// `/_matrix/client/v3`.
     pub fn url(&self, path: &str) -> String {
-        if path.starts_with("/_matrix/") || path.starts_with("/.well-known/") {
+        if path.starts_with("/_matrix/")
+            || path.starts_with("/_synapse/")
+            || path.starts_with("/.well-known/")
+        {
             format!("{}{path}", self.base_url)
         } else {
             format!("{}{CLIENT_V3}{path}", self.base_url)

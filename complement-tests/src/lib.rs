@@ -7,6 +7,11 @@
 //! - [`server`]: finding or building the binary, starting it with the
 //!   environment contract below, waiting for it to answer, and killing it
 //!   (and dropping its database) on drop.
+//!   [`TestServer::start_federating`] starts one that also serves the
+//!   Server-Server API on its own HTTPS port, for federation tests.
+//! - [`synapse`]: one real Synapse (installed from PyPI into a cached
+//!   virtualenv on first use) on loopback, to federate with; driven through
+//!   the same [`Client`].
 //! - [`postgres`]: creating and dropping a throwaway Postgres database.
 //! - [`client`]: a small typed client-server API client ([`Client`]) plus
 //!   assertion helpers for Matrix error bodies; public so that other tools
@@ -28,18 +33,25 @@
 //!   `MYELIN_CLIENT_LISTEN=127.0.0.1:<port>`, `MYELIN_DATA_DIR=<tempdir>`,
 //!   `MYELIN_REGISTRATION=open`, `MYELIN_DATABASE_URL=<url>`,
 //!   `MYELIN_LOG=warn`; no arguments.
+//! - Federating servers ([`TestServer::start_federating`]) get a second
+//!   port and `MYELIN_SERVER_NAME=127.0.0.1:<fed port>`,
+//!   `MYELIN_FEDERATION_LISTEN=127.0.0.1:<fed port>`,
+//!   `MYELIN_FEDERATION_VERIFY_TLS=false`,
+//!   `MYELIN_FEDERATION_ALLOW_PRIVATE_ADDRESSES=true`.
 //! - Postgres admin URL: `$MYELIN_TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432/postgres`.
 
 pub mod client;
 pub mod postgres;
 pub mod server;
+pub mod synapse;
 
 pub use client::{
     assert_error, assert_status, enc, ok, query, state_path, success, unique_txn_id, Client,
     Response, CLIENT_V3,
 };
 pub use server::{Backend, TestServer};
+pub use synapse::{insecure_https_client, Synapse};
 
 use futures::FutureExt;
 use std::future::Future;

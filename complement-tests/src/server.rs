@@ -9,6 +9,24 @@
 //! [`TestServer::run_cli`]), stop the process with SIGTERM and collect its
 //! exit status ([`TestServer::stop`]), and start a new process on the same
 //! data directory, database and port ([`TestServer::restart`]).
+//!
+//! For federation tests, [`TestServer::start_federating`] starts a server
+//! that also serves the Server-Server API: it gets two ports, a plain HTTP
+//! client listener and an HTTPS federation listener (self-signed), and the
+//! server name `127.0.0.1:<federation port>`, so that other servers on
+//! loopback reach it by name with no well-known or SRV lookup. It sets
+//!
+//! - `MYELIN_SERVER_NAME=127.0.0.1:<federation port>`,
+//! - `MYELIN_FEDERATION_LISTEN=127.0.0.1:<federation port>`,
+//! - `MYELIN_FEDERATION_VERIFY_TLS=false` (peers' certificates are
+//!   self-signed too), and
+//! - `MYELIN_FEDERATION_ALLOW_PRIVATE_ADDRESSES=true` (peers are on
+//!   loopback),
+//!
+//! on top of the usual variables. [`TestServer::stop`] and
+//! [`TestServer::restart`] keep both ports, the data directory and the
+//! database, so a test can take a server offline and bring it back under the
+//! same name.
 
 use crate::client::Client;
 use crate::postgres::ThrowawayDatabase;
@@ -50,6 +68,8 @@ pub struct TestServer {
 struct Inner {
     base_url: String,
     server_name: String,
+    /// `https://127.0.0.1:<port>` for a federating server.
+    federation_url: Option<String>,
     backend: Backend,
     http: reqwest::Client,
     log_path: PathBuf,
@@ -79,10 +99,32 @@ impl TestServer {
         backend: Backend,
         overrides: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
+        Self::start_retrying(backend, false, overrides).await
+    }
+
+    /// Starts a fresh server on `backend` that federates: a plain HTTP
+    /// client listener on one free port and an HTTPS federation listener on
+    /// another, with the server name `127.0.0.1:<federation port>` and
+    /// outbound federation allowed to loopback without certificate checks
+    /// (see the module documentation for the exact variables). `overrides`
+    /// work as in [`start_with`](TestServer::start_with). Waits until the
+    /// client API serves `/versions`.
+    pub async fn start_federating(
+        backend: Backend,
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
+        Self::start_retrying(backend, true, overrides).await
+    }
+
+    async fn start_retrying(
+        backend: Backend,
+        federating: bool,
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
         let binary = myelin_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&binary, backend, overrides).await {
+            match Self::start_once(&binary, backend, federating, overrides).await {
                 Ok(server) => return Ok(server),
                 Err(StartError::Fatal(err)) => return Err(err),
                 Err(StartError::ExitedEarly(err)) => last_error = Some(err),
@@ -94,6 +136,7 @@ impl TestServer {
     async fn start_once(
         binary: &Path,
         backend: Backend,
+        federating: bool,
         overrides: &[(&str, &str)],
     ) -> Result<TestServer, StartError> {
         let data_dir = tempfile::Builder::new()
@@ -102,7 +145,17 @@ impl TestServer {
             .context("creating the data directory")
             .map_err(StartError::Fatal)?;
         let port = free_port().map_err(StartError::Fatal)?;
-        let server_name = format!("localhost:{port}");
+        let federation_port = if federating {
+            Some(free_port_other_than(port).map_err(StartError::Fatal)?)
+        } else {
+            None
+        };
+        let server_name = match federation_port {
+            Some(fed_port) => format!("127.0.0.1:{fed_port}"),
+            None => format!("localhost:{port}"),
+        };
+        let federation_url =
+            federation_port.map(|fed_port| format!("https://127.0.0.1:{fed_port}"));
         let base_url = format!("http://127.0.0.1:{port}");
         let log_path = data_dir.path().join("myelin.log");
 
@@ -130,6 +183,19 @@ impl TestServer {
             ("MYELIN_DATABASE_URL".into(), database_url.clone()),
             ("MYELIN_LOG".into(), "warn".into()),
         ];
+        if let Some(fed_port) = federation_port {
+            env.extend([
+                (
+                    "MYELIN_FEDERATION_LISTEN".into(),
+                    format!("127.0.0.1:{fed_port}"),
+                ),
+                ("MYELIN_FEDERATION_VERIFY_TLS".into(), "false".into()),
+                (
+                    "MYELIN_FEDERATION_ALLOW_PRIVATE_ADDRESSES".into(),
+                    "true".into(),
+                ),
+            ]);
+        }
         for (name, value) in overrides {
             match env.iter_mut().find(|(existing, _)| existing == name) {
                 Some(slot) => slot.1 = (*value).to_owned(),
@@ -151,6 +217,7 @@ impl TestServer {
             inner: Arc::new(Inner {
                 base_url,
                 server_name,
+                federation_url,
                 backend,
                 http,
                 log_path,
@@ -300,9 +367,11 @@ impl TestServer {
     }
 
     /// Starts a new server process on the same data directory, database,
-    /// port and environment, stopping the current one first (SIGTERM, at
+    /// port(s) and environment, stopping the current one first (SIGTERM, at
     /// most 10 s) if it still runs, and waits until it answers. Its output
-    /// is appended to the same log.
+    /// is appended to the same log. After [`stop`](TestServer::stop) this
+    /// is how a stopped server is started again (a federating server keeps
+    /// its server name and federation port).
     pub async fn restart(&self) -> anyhow::Result<()> {
         if self.pid().is_some() {
             let status = self.stop(Duration::from_secs(10)).await?;
@@ -342,9 +411,23 @@ impl TestServer {
         &self.inner.base_url
     }
 
-    /// `localhost:<port>`, the server name the server was started with.
+    /// The server name the server was started with: `localhost:<port>`, or
+    /// `127.0.0.1:<federation port>` for a federating server.
     pub fn server_name(&self) -> &str {
         &self.inner.server_name
+    }
+
+    /// `https://127.0.0.1:<federation port>`, no trailing slash, for a
+    /// server started with [`start_federating`](TestServer::start_federating);
+    /// `None` otherwise.
+    pub fn federation_url(&self) -> Option<&str> {
+        self.inner.federation_url.as_deref()
+    }
+
+    /// Whether this server was started with
+    /// [`start_federating`](TestServer::start_federating).
+    pub fn is_federating(&self) -> bool {
+        self.inner.federation_url.is_some()
     }
 
     /// The storage backend this server runs on.
@@ -499,9 +582,21 @@ fn spawn_server(binary: &Path, env: &[(String, String)], log: File) -> anyhow::R
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// A free port different from `taken` (which was free a moment ago too, so
+/// the kernel may hand it out again).
+pub(crate) fn free_port_other_than(taken: u16) -> anyhow::Result<u16> {
+    for _ in 0..16 {
+        let port = free_port()?;
+        if port != taken {
+            return Ok(port);
+        }
+    }
+    bail!("the kernel kept handing out port {taken}")
 }
 
 /// The `myelin` executable: `$MYELIN_BIN`, or the result of building it once
