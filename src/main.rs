@@ -129,8 +129,11 @@ async fn serve(config: myelin_core::config::Config) -> anyhow::Result<()> {
     let addr = config.client_listen;
     let server = open(config).await?;
     let schema = server.store.schema_version().await.unwrap_or(0);
-    let app = myelin_client_api::router(server.clone())
-        .merge(myelin_federation::router(server.clone()))
+    let federation =
+        myelin_federation::Federation::new(server.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    myelin_federation::sender::start(federation.clone());
+    let app = myelin_client_api::router(server.clone(), federation.clone())
+        .merge(myelin_federation::key_router(server.clone()))
         .layer(tower_http::trace::TraceLayer::new_for_http());
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -157,7 +160,7 @@ async fn serve(config: myelin_core::config::Config) -> anyhow::Result<()> {
     let federation = async {
         match server.config.federation_listen {
             Some(addr) => {
-                let router = myelin_federation::router(server.clone())
+                let router = myelin_federation::router(federation.clone())
                     .layer(tower_http::trace::TraceLayer::new_for_http());
                 tls::serve(addr, router, &server.config, stopped()).await
             }

@@ -167,7 +167,7 @@ fn versioned() -> Router<Arc<Server>> {
 /// The cross-cutting layers (CORS, body limit, the 405 rewrite) wrap the routed service once,
 /// rather than each route: axum clones a route's service stack for every request, and a long
 /// poll keeps that clone for its whole wait.
-pub fn router(server: Arc<Server>) -> Router {
+pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation>) -> Router {
     let body_limit = server.config.max_request_body_bytes;
     let v = versioned();
     let routes = Router::new()
@@ -187,7 +187,8 @@ pub fn router(server: Arc<Server>) -> Router {
             get(discovery::token_validity),
         )
         .fallback(unrecognized)
-        .with_state(server);
+        .with_state(server)
+        .layer(axum::Extension(federation));
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([

@@ -5,15 +5,16 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    extract::{Path, Query, State},
-    Json,
+    extract::{Path, Query, RawQuery, State},
+    Extension, Json,
 };
 use myelin_core::{
     pdu::NewEvent,
-    ruma::{OwnedRoomAliasId, OwnedUserId, UserId},
+    ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, ServerName, UserId},
     token::SyncToken,
     Append, Error, ErrorKind, RoomInfo, Server,
 };
+use myelin_federation::Federation;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -79,36 +80,109 @@ async fn set_membership(
     Ok(())
 }
 
+/// `?server_name=a&via=b&via=c` as server names (keys repeat, so the query is parsed by hand).
+fn via_servers(raw: Option<String>) -> Vec<OwnedServerName> {
+    raw.unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            kv.strip_prefix("server_name=")
+                .or_else(|| kv.strip_prefix("via="))
+        })
+        .map(crate::extract::percent_decode)
+        .filter_map(|s| OwnedServerName::try_from(s).ok())
+        .collect()
+}
+
 pub async fn join_by_id_or_alias(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     auth: Auth,
     Path(target): Path<String>,
+    RawQuery(query): RawQuery,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = if target.starts_with('#') {
+    let mut via = via_servers(query);
+    let room_id: OwnedRoomId = if target.starts_with('#') {
         let alias: OwnedRoomAliasId = parse_id(&target, "room alias")?;
-        let (room_id, _) = server
-            .store
-            .alias(alias.as_str())
-            .await?
-            .ok_or_else(|| Error::not_found("Room alias not found"))?;
-        crate::extract::room(&server, &room_id).await?
+        if alias.server_name() == server.server_name.as_ref() as &ServerName {
+            let (room_id, _) = server
+                .store
+                .alias(alias.as_str())
+                .await?
+                .ok_or_else(|| Error::not_found("Room alias not found"))?;
+            parse_id(&room_id, "room ID")?
+        } else {
+            let (room_id, servers) = fed.query_alias(alias.as_str()).await?;
+            via.extend(servers);
+            room_id
+        }
     } else if target.starts_with('!') {
-        crate::extract::room(&server, &target).await?
+        parse_id(&target, "room ID")?
     } else {
         return err(ErrorKind::InvalidParam, "Expected a room ID or alias");
     };
-    do_join(&server, &auth, &room, body.reason).await
+    join_room_id(&server, &fed, &auth, &room_id, via, body.reason).await
 }
 
 pub async fn join(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     auth: Auth,
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room = crate::extract::room(&server, &room_id).await?;
-    do_join(&server, &auth, &room, body.reason).await
+    let room_id: OwnedRoomId = parse_id(&room_id, "room ID")?;
+    join_room_id(&server, &fed, &auth, &room_id, vec![], body.reason).await
+}
+
+/// Whether a user of ours is joined to the room (we can then change memberships ourselves).
+async fn resident(server: &Server, room: &RoomInfo) -> ApiResult<bool> {
+    let suffix = format!(":{}", server.server_name());
+    Ok(server
+        .members(room.nid)
+        .await?
+        .iter()
+        .any(|(u, m)| m == "join" && u.ends_with(&suffix)))
+}
+
+/// Joins locally when a user of ours is in the room, otherwise through another server: the
+/// `via` servers, the server that invited us, and the room ID's server.
+async fn join_room_id(
+    server: &Server,
+    fed: &Federation,
+    auth: &Auth,
+    room_id: &OwnedRoomId,
+    mut via: Vec<OwnedServerName>,
+    reason: Option<String>,
+) -> ApiResult<Json<Value>> {
+    let room = server.room(room_id).await?;
+    if let Some(room) = &room {
+        if resident(server, room).await? {
+            return do_join(server, auth, room, reason).await;
+        }
+        if let Some(m) = server
+            .store
+            .membership(room.nid, auth.user_id.as_str())
+            .await?
+        {
+            if m.membership == "invite" {
+                let ev = server.event(m.event_nid).await?;
+                via.push(ev.pdu.sender.server_name().to_owned());
+            }
+        }
+    }
+    if let Some(s) = room_id.server_name() {
+        via.push(s.to_owned());
+    }
+    via.dedup();
+    if via.is_empty() {
+        return err(
+            ErrorKind::NotFound,
+            "Unknown room; no server to join it through",
+        );
+    }
+    fed.join_remote(&auth.user_id, room_id, &via).await?;
+    Ok(Json(json!({ "room_id": room_id })))
 }
 
 async fn do_join(
@@ -139,6 +213,7 @@ async fn do_join(
 
 pub async fn invite(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     auth: Auth,
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<TargetBody>,
@@ -146,10 +221,13 @@ pub async fn invite(
     let room = crate::extract::room(&server, &room_id).await?;
     let target: OwnedUserId = parse_id(&body.user_id, "user ID")?;
     if target.server_name().as_str() != server.server_name() {
-        return err(
-            ErrorKind::Forbidden,
-            "Inviting remote users needs federation, which this server does not do yet",
-        );
+        let current = server.store.membership(room.nid, target.as_str()).await?;
+        if current.as_ref().is_some_and(|m| m.membership == "invite") {
+            return Ok(Json(json!({})));
+        }
+        fed.invite_remote(&room, &auth.user_id, &target, body.reason)
+            .await?;
+        return Ok(Json(json!({})));
     }
     if server.store.user(target.as_str()).await?.is_none() {
         return err(ErrorKind::NotFound, "Unknown user");
@@ -172,6 +250,7 @@ pub async fn invite(
 
 pub async fn leave(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     auth: Auth,
     Path(room_id): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
@@ -185,6 +264,18 @@ pub async fn leave(
         Some("join") | Some("invite") | Some("knock") => {}
         Some("leave") => return Ok(Json(json!({}))),
         _ => return err(ErrorKind::Forbidden, "You are not in this room"),
+    }
+    if let Some(m) = current.as_ref().filter(|m| m.membership != "join") {
+        if !resident(&server, &room).await? {
+            // An invite (or knock) to a room we are not in: leave through the other server.
+            let ev = server.event(m.event_nid).await?;
+            let mut via = vec![ev.pdu.sender.server_name().to_owned()];
+            if let Some(s) = room.room_id.server_name() {
+                via.push(s.to_owned());
+            }
+            fed.leave_remote(&auth.user_id, &room.room_id, &via).await?;
+            return Ok(Json(json!({})));
+        }
     }
     let reason = body.reason;
     set_membership(

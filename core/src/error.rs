@@ -29,6 +29,7 @@ pub enum ErrorKind {
     GuestAccessForbidden,
     MissingParam,
     Unauthorized,
+    IncompatibleRoomVersion,
 }
 
 impl ErrorKind {
@@ -57,6 +58,7 @@ impl ErrorKind {
             GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
             MissingParam => "M_MISSING_PARAM",
             Unauthorized => "M_UNAUTHORIZED",
+            IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
         }
     }
 

@@ -23,7 +23,7 @@ use crate::{keys::SigningKey, Error, Result};
 pub const MAX_PDU_BYTES: usize = 65_536;
 
 /// A parsed event. Cheap to share (`Arc<Pdu>`), immutable.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pdu {
     pub event_id: OwnedEventId,
     pub room_id: OwnedRoomId,

@@ -1309,7 +1309,8 @@ pub struct OutboxSignal {
 }
 
 impl OutboxSignal {
-    fn wake(&self, dests: Vec<String>) {
+    /// Records destinations with new rows and wakes the sender.
+    pub fn wake(&self, dests: Vec<String>) {
         if dests.is_empty() {
             return;
         }

@@ -473,22 +473,21 @@ impl Server {
         let ev = self.event(member_event_nid).await?;
         let state = match ev.state_after {
             Some(g) if g != 0 => self.state_map(g).await?,
-            _ => self.current_state(room).await?,
-        };
-        let mut out = Vec::new();
-        for (t, k) in [
-            ("m.room.create", ""),
-            ("m.room.join_rules", ""),
-            ("m.room.name", ""),
-            ("m.room.avatar", ""),
-            ("m.room.topic", ""),
-            ("m.room.canonical_alias", ""),
-            ("m.room.encryption", ""),
-        ] {
-            if let Some(e) = self.state_event(&state, t, k).await? {
-                out.push(e.pdu.to_stripped());
+            _ => {
+                // An invite from another server to a room we are not in: the state it came with.
+                if let Some(sk) = ev.pdu.state_key.as_deref() {
+                    if let Some(mut stripped) = self.remote_invite_state(room.nid, sk).await? {
+                        let mut own = ev.pdu.to_stripped();
+                        own["event_id"] = json!(ev.pdu.event_id);
+                        own["origin_server_ts"] = json!(u64::from(ev.pdu.origin_server_ts.0));
+                        stripped.push(own);
+                        return Ok(stripped);
+                    }
+                }
+                self.current_state(room).await?
             }
-        }
+        };
+        let mut out = self.key_stripped_state(&state).await?;
         if let Some(e) = self
             .state_event(&state, "m.room.member", ev.pdu.sender.as_str())
             .await?
@@ -499,6 +498,25 @@ impl Server {
         own["event_id"] = json!(ev.pdu.event_id);
         own["origin_server_ts"] = json!(u64::from(ev.pdu.origin_server_ts.0));
         out.push(own);
+        Ok(out)
+    }
+
+    /// The stripped form of a room's key state events (sent with invites and knocks).
+    pub async fn key_stripped_state(&self, state: &crate::state::StateMap) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for (t, k) in [
+            ("m.room.create", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+        ] {
+            if let Some(e) = self.state_event(state, t, k).await? {
+                out.push(e.pdu.to_stripped());
+            }
+        }
         Ok(out)
     }
 

@@ -229,8 +229,13 @@ impl Server {
         let mut rows = Vec::new();
         // Topological order over auth_events: store an event once all its auth events are.
         loop {
+            // The create event goes first (room v12 events do not list it as an auth event).
+            let create_pending = pending
+                .values()
+                .any(|p| p.kind == TimelineEventType::RoomCreate);
             let ready: Vec<OwnedEventId> = pending
                 .values()
+                .filter(|p| !create_pending || p.kind == TimelineEventType::RoomCreate)
                 .filter(|p| {
                     p.auth_events
                         .iter()
@@ -416,6 +421,7 @@ impl Server {
         old: &StateMap,
         new: &StateMap,
         replace_all: bool,
+        unstored: i64,
     ) -> Result<CurrentWrite> {
         let upserts: Vec<(i64, i64)> = new
             .iter()
@@ -431,7 +437,12 @@ impl Server {
                 .collect()
         };
         let mut memberships = Vec::new();
-        let changed: Vec<i64> = upserts.iter().map(|(_, v)| *v).collect();
+        // (`unstored`: the event being added, whose membership the caller records.)
+        let changed: Vec<i64> = upserts
+            .iter()
+            .map(|(_, v)| *v)
+            .filter(|v| *v != unstored)
+            .collect();
         for e in self.events(&changed).await? {
             if e.pdu.kind == TimelineEventType::RoomMember {
                 if let (Some(sk), Some(m)) = (&e.pdu.state_key, e.pdu.content_str("membership")) {
@@ -608,7 +619,7 @@ impl Server {
             }
         };
         let mut current = self
-            .current_change(current_group, &head.state, &current_map, false)
+            .current_change(current_group, &head.state, &current_map, false, nid)
             .await?;
         // The new event's own membership is known before it is stored.
         if current_map.get(&new_group.as_ref().map_or(-1, |g| g.state_key_nid)) == Some(&nid) {
@@ -776,7 +787,7 @@ impl Server {
             None => self.load_head(&room, &mut guard).await?.state.clone(),
         };
         let mut current = self
-            .current_change(g.group, &old_state, &after, true)
+            .current_change(g.group, &old_state, &after, true, nid)
             .await?;
         current
             .memberships
@@ -830,8 +841,9 @@ impl Server {
 
     /// Remembers an invite from another server to one of our users (for a room we may not be
     /// in): the invite event outside the timeline, the invitee's membership and the stripped
-    /// state shown with it.
-    pub async fn store_remote_invite(
+    /// state shown with it. Also records the rejection of such an invite (a leave event made
+    /// through the inviting server).
+    pub async fn store_remote_membership(
         &self,
         version: RoomVersionId,
         invite: Pdu,
@@ -872,7 +884,15 @@ impl Server {
         let write = RoomWrite {
             room_nid: room.nid,
             outliers: vec![outlier_row(nid, &invite, false, Some(pos))],
-            remote_invite: Some((user.clone(), nid, pos, serde_json::to_string(&stripped)?)),
+            remote_invite: Some((
+                user.clone(),
+                invite
+                    .content_str("membership")
+                    .unwrap_or_else(|| "invite".to_owned()),
+                nid,
+                pos,
+                serde_json::to_string(&stripped)?,
+            )),
             ..Default::default()
         };
         let result = self.store.write_rooms(&[&write]).await;

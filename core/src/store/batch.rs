@@ -92,9 +92,9 @@ pub struct RoomWrite {
     pub current: Option<CurrentWrite>,
     /// `(destination, event_nid)`: events to send to other servers.
     pub outbox: Vec<(String, i64)>,
-    /// `(user, invite event nid, stream position, stripped state JSON)` of an invite from
-    /// another server.
-    pub remote_invite: Option<(String, i64, i64, String)>,
+    /// `(user, membership, event nid, stream position, stripped state JSON)` of an invite from
+    /// another server (or its rejection through another server).
+    pub remote_invite: Option<(String, String, i64, i64, String)>,
 }
 
 /// A value bound into a multi-row statement.
@@ -397,11 +397,11 @@ impl Store {
             if let Some(c) = &r.current {
                 write_current(tx, r.room_nid, c).await?;
             }
-            if let Some((user, event_nid, position, stripped)) = &r.remote_invite {
+            if let Some((user, membership, event_nid, position, stripped)) = &r.remote_invite {
                 let row = vec![
                     V::I(r.room_nid),
                     V::S(user.clone()),
-                    V::S("invite".to_owned()),
+                    V::S(membership.clone()),
                     V::I(*event_nid),
                     V::I(*position),
                     V::I(0),

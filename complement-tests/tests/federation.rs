@@ -1,0 +1,330 @@
+//! Federation between two Myelin servers on loopback (TLS with self-signed certificates,
+//! verification off): joins by alias, messages and state both ways, invites, kicks and bans
+//! across servers, leave and rejoin, a server that was down catching up, and both servers
+//! agreeing on the room's state.
+
+use std::time::{Duration, Instant};
+
+use complement_tests::{ok, Backend, Client, TestServer};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it gives `Some`, or fails after [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The bodies of `m.room.message` events in the room, oldest first.
+async fn messages(client: &Client, room: &str) -> anyhow::Result<Vec<String>> {
+    let body = client
+        .messages(room, &[("dir", "b"), ("limit", "100")])
+        .await?;
+    let mut out: Vec<String> = body["chunk"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
+async fn wait_for_message(client: &Client, room: &str, text: &str) -> anyhow::Result<()> {
+    eventually(&format!("message {text:?}"), || async {
+        Ok(messages(client, room)
+            .await?
+            .iter()
+            .any(|m| m == text)
+            .then_some(()))
+    })
+    .await
+}
+
+async fn membership(client: &Client, room: &str, user: &str) -> anyhow::Result<Option<String>> {
+    let r = client.get_state(room, "m.room.member", user).await?;
+    if r.status != 200 {
+        return Ok(None);
+    }
+    Ok(r.body["membership"].as_str().map(str::to_owned))
+}
+
+async fn wait_membership(
+    client: &Client,
+    room: &str,
+    user: &str,
+    want: &str,
+) -> anyhow::Result<()> {
+    eventually(&format!("{user} to be {want}"), || async {
+        Ok((membership(client, room, user).await?.as_deref() == Some(want)).then_some(()))
+    })
+    .await
+}
+
+/// The room's state as `(type, state_key) → event_id`, sorted.
+async fn state_ids(client: &Client, room: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+    let mut out: Vec<(String, String, String)> = client
+        .room_state(room)
+        .await?
+        .into_iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["state_key"].as_str().unwrap_or_default().to_owned(),
+                e["event_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn pair(backend: Backend) -> anyhow::Result<(TestServer, TestServer)> {
+    let a = TestServer::start_federating(
+        backend,
+        &[("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")],
+    )
+    .await?;
+    let b = TestServer::start_federating(
+        backend,
+        &[("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")],
+    )
+    .await?;
+    Ok((a, b))
+}
+
+async fn join_by_alias_and_talk(a: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let alice = a.register("alice", "alice-password").await?;
+    let bob = b.register("bob", "bob-password").await?;
+    let bob_id = b.user_id("bob");
+    let room = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "lobby", "name": "Lobby"}))
+        .await?;
+    alice.send_message(&room, "before bob").await?;
+    let alias = format!("#lobby:{}", a.server_name());
+    let joined = bob.join(&alias).await?;
+    assert_eq!(joined, room);
+    // Bob's server has the room's state; Alice's server sees Bob join.
+    assert_eq!(
+        ok(bob.get_state(&room, "m.room.name", "").await?)["name"],
+        "Lobby"
+    );
+    wait_membership(&alice, &room, bob_id.as_str(), "join").await?;
+
+    alice.send_message(&room, "hello bob").await?;
+    wait_for_message(&bob, &room, "hello bob").await?;
+    bob.send_message(&room, "hello alice").await?;
+    wait_for_message(&alice, &room, "hello alice").await?;
+    // State both ways.
+    bob.send_state(&room, "m.room.topic", "", &json!({"topic": "from bob"}))
+        .await
+        .expect_err("bob has no power to change the topic");
+    alice
+        .send_state(&room, "m.room.topic", "", &json!({"topic": "from alice"}))
+        .await?;
+    eventually("topic on B", || async {
+        let r = bob.get_state(&room, "m.room.topic", "").await?;
+        Ok((r.status == 200 && r.body["topic"] == "from alice").then_some(()))
+    })
+    .await?;
+    // Bob's sync shows the room with Alice's messages.
+    let sync = bob
+        .sync_until(None, None, WAIT, |s| {
+            s["rooms"]["join"][&room]["timeline"]["events"]
+                .as_array()
+                .is_some_and(|ev| {
+                    ev.iter().any(|e| {
+                        e["content"]["body"] == "from alice"
+                            || e["content"]["topic"] == "from alice"
+                    })
+                })
+        })
+        .await?;
+    assert!(sync["rooms"]["join"][&room].is_object());
+    // Both servers agree on the state.
+    eventually("same state", || async {
+        let (sa, sb) = (
+            state_ids(&alice, &room).await?,
+            state_ids(&bob, &room).await?,
+        );
+        Ok((sa == sb).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+async fn invite_kick_ban_leave_rejoin(a: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let alice = a.register("alice", "alice-password").await?;
+    let bob = b.register("bob", "bob-password").await?;
+    let bob_id = b.user_id("bob");
+    let room = alice
+        .create_room(&json!({"preset": "private_chat"}))
+        .await?;
+    // Invite across servers; Bob sees the invite, joins through Alice's server.
+    alice.invite(&room, bob_id.as_str()).await?;
+    bob.sync_until(None, None, WAIT, |s| {
+        s["rooms"]["invite"][&room].is_object()
+    })
+    .await?;
+    bob.join(&room).await?;
+    wait_membership(&alice, &room, bob_id.as_str(), "join").await?;
+    bob.send_message(&room, "thanks for the invite").await?;
+    wait_for_message(&alice, &room, "thanks for the invite").await?;
+
+    // Leave and rejoin (after a fresh invite: the room is private).
+    bob.leave(&room).await?;
+    wait_membership(&alice, &room, bob_id.as_str(), "leave").await?;
+    alice.invite(&room, bob_id.as_str()).await?;
+    wait_membership(&bob, &room, bob_id.as_str(), "invite")
+        .await
+        .ok();
+    bob.join(&room).await?;
+    wait_membership(&alice, &room, bob_id.as_str(), "join").await?;
+
+    // Kick across servers.
+    ok(alice
+        .post(
+            &format!("/rooms/{}/kick", complement_tests::enc(&room)),
+            &json!({"user_id": bob_id.as_str(), "reason": "out"}),
+        )
+        .await?);
+    wait_membership(&bob, &room, bob_id.as_str(), "leave").await?;
+    // Ban across servers: Bob cannot come back.
+    ok(alice
+        .post(
+            &format!("/rooms/{}/ban", complement_tests::enc(&room)),
+            &json!({"user_id": bob_id.as_str()}),
+        )
+        .await?);
+    let r = bob
+        .post(
+            &format!("/rooms/{}/join", complement_tests::enc(&room)),
+            &json!({}),
+        )
+        .await?;
+    assert_eq!(r.status, 403, "a banned user's join is refused");
+    Ok(())
+}
+
+async fn catch_up_after_restart(a: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let alice = a.register("alice", "alice-password").await?;
+    let bob = b.register("bob", "bob-password").await?;
+    let bob_id = b.user_id("bob");
+    let room = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "up"}))
+        .await?;
+    bob.join(&format!("#up:{}", a.server_name())).await?;
+    wait_membership(&alice, &room, bob_id.as_str(), "join").await?;
+    b.stop(Duration::from_secs(10)).await?;
+    for i in 0..5 {
+        alice
+            .send_message(&room, &format!("while away {i}"))
+            .await?;
+    }
+    b.restart().await?;
+    let bob = b.login("bob", "bob-password", None).await?;
+    wait_for_message(&bob, &room, "while away 4").await?;
+    let (ma, mb) = (messages(&alice, &room).await?, messages(&bob, &room).await?);
+    assert_eq!(ma, mb, "both servers list the same timeline");
+    Ok(())
+}
+
+async fn conflicting_state_converges(a: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let alice = a.register("alice", "alice-password").await?;
+    let bob = b.register("bob", "bob-password").await?;
+    let bob_id = b.user_id("bob");
+    let room = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "split"}))
+        .await?;
+    bob.join(&format!("#split:{}", a.server_name())).await?;
+    wait_membership(&alice, &room, bob_id.as_str(), "join").await?;
+    // Make Bob a moderator so both may change the topic.
+    let mut pl = ok(alice.get_state(&room, "m.room.power_levels", "").await?);
+    pl["users"][bob_id.as_str()] = json!(100);
+    alice
+        .send_state(&room, "m.room.power_levels", "", &pl)
+        .await?;
+    eventually("bob's power on B", || async {
+        let pl = ok(bob.get_state(&room, "m.room.power_levels", "").await?);
+        Ok((pl["users"][bob_id.as_str()] == 100).then_some(()))
+    })
+    .await?;
+    // Partition: B is down while A changes the topic; then B (cut off from A by being
+    // restarted right after its own change) changes it too.
+    b.stop(Duration::from_secs(10)).await?;
+    alice
+        .send_state(&room, "m.room.topic", "", &json!({"topic": "topic from A"}))
+        .await?;
+    a.stop(Duration::from_secs(10)).await?;
+    b.restart().await?;
+    let bob = b.login("bob", "bob-password", None).await?;
+    bob.send_state(&room, "m.room.topic", "", &json!({"topic": "topic from B"}))
+        .await?;
+    a.restart().await?;
+    let alice = a.login("alice", "alice-password", None).await?;
+    // Each server's queue delivers the other's change; both resolve the fork the same way.
+    eventually("identical state", || async {
+        let (sa, sb) = (
+            state_ids(&alice, &room).await?,
+            state_ids(&bob, &room).await?,
+        );
+        let topic_a = ok(alice.get_state(&room, "m.room.topic", "").await?);
+        let topic_b = ok(bob.get_state(&room, "m.room.topic", "").await?);
+        Ok((sa == sb && topic_a == topic_b).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Runs a scenario; on failure both servers' logs are printed.
+async fn run<F, Fut>(backend: Backend, scenario: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TestServer, TestServer) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (a, b) = pair(backend).await?;
+    let result = scenario(a.clone(), b.clone()).await;
+    if result.is_err() {
+        eprintln!("---- server A ----");
+        a.print_log_tail();
+        eprintln!("---- server B ----");
+        b.print_log_tail();
+    }
+    result
+}
+
+macro_rules! both {
+    ($($name:ident),*) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
+                super::run(complement_tests::Backend::Sqlite, super::$name).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
+                super::run(complement_tests::Backend::Postgres, super::$name).await
+            })*
+        }
+    };
+}
+
+both!(
+    join_by_alias_and_talk,
+    invite_kick_ban_leave_rejoin,
+    catch_up_after_restart,
+    conflicting_state_converges
+);

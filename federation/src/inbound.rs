@@ -1,0 +1,213 @@
+//! Events from other servers: signatures and content hash checked with the senders' keys (a
+//! hash mismatch keeps the redacted form), then handed to the core's three auth checks. What an
+//! event lacks is fetched from the server that sent it: auth events through `/event_auth`,
+//! parents through `/get_missing_events` (bounded), and the core is asked again.
+
+use std::sync::Arc;
+
+use myelin_core::{
+    pdu::{rules_for, Pdu},
+    ruma::{
+        canonical_json::CanonicalJsonObject,
+        signatures::{required_server_signatures_to_verify_event, verify_event, Verified},
+        OwnedEventId, OwnedServerName, ServerName,
+    },
+    server::{pdu_from_federation, redacted_pdu, Ingested},
+    Error, Result, RoomInfo,
+};
+use serde_json::{json, Value};
+
+use crate::Federation;
+
+/// Parents fetched for one event at most (beyond that, the gap stays).
+const MAX_MISSING: usize = 50;
+
+impl Federation {
+    /// Parses and verifies an event received from another server: format, the signatures
+    /// of every server that must sign it (keys valid at its `origin_server_ts`), and its content
+    /// hash (a mismatch gives the redacted event, as the spec requires).
+    pub async fn verify_pdu(&self, room: &RoomInfo, value: &Value) -> Result<Pdu> {
+        let obj: CanonicalJsonObject =
+            match myelin_core::ruma::CanonicalJsonValue::try_from(value.clone()) {
+                Ok(myelin_core::ruma::CanonicalJsonValue::Object(o)) => o,
+                _ => return Err(Error::bad_json("event is not canonical JSON")),
+            };
+        let pdu = pdu_from_federation(&obj, &room.version)?;
+        if pdu.room_id != room.room_id {
+            return Err(Error::bad_json("event is for another room"));
+        }
+        let servers = required_server_signatures_to_verify_event(&obj, &room.rules.signatures)
+            .map_err(|e| Error::forbidden(format!("signatures: {e}")))?;
+        let ts = u64::from(pdu.origin_server_ts.0) as i64;
+        let wanted: Vec<(OwnedServerName, i64)> = servers.into_iter().map(|s| (s, ts)).collect();
+        let keys = self.keys.public_key_map(&wanted).await;
+        match verify_event(&keys, &obj, &room.rules) {
+            Ok(Verified::All) => Ok(pdu),
+            Ok(Verified::Signatures) => {
+                tracing::info!(event = %pdu.event_id, "content hash mismatch: keeping the redacted form");
+                redacted_pdu(&pdu, &room.rules)
+            }
+            Err(e) => Err(Error::forbidden(format!(
+                "event {} failed signature checks: {e}",
+                pdu.event_id
+            ))),
+        }
+    }
+
+    /// Verifies a list of events, dropping (and logging) those that fail.
+    pub async fn verify_pdus(&self, room: &RoomInfo, values: &[Value]) -> Vec<Pdu> {
+        let mut out = Vec::with_capacity(values.len());
+        for v in values {
+            match self.verify_pdu(room, v).await {
+                Ok(p) => out.push(p),
+                Err(e) => tracing::info!(error = %e, "dropping an event that failed verification"),
+            }
+        }
+        out
+    }
+
+    /// Adds a verified event to its room, fetching missing auth events and parents from
+    /// `origin` first. `depth` bounds the recursion through fetched parents.
+    pub async fn handle_pdu(
+        &self,
+        origin: &ServerName,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+        relay: bool,
+    ) -> Result<Ingested> {
+        let relay_from = relay.then_some(origin);
+        let mut fetched_auth = false;
+        let mut fetched_prev = false;
+        loop {
+            let outcome = self
+                .server
+                .ingest_pdu(room, pdu.clone(), relay_from)
+                .await?;
+            let Ingested::Missing(missing) = outcome else {
+                return Ok(outcome);
+            };
+            let auth_missing = missing.iter().any(|m| pdu.auth_events.contains(m));
+            if auth_missing && !fetched_auth {
+                fetched_auth = true;
+                self.fetch_auth_chain(origin, room, &pdu.event_id).await?;
+            } else if !auth_missing && !fetched_prev {
+                fetched_prev = true;
+                self.fetch_missing_parents(origin, room, &pdu).await?;
+            } else {
+                return Ok(Ingested::Missing(missing));
+            }
+        }
+    }
+
+    /// Stores the auth chain of an event as the sending server reports it.
+    async fn fetch_auth_chain(
+        &self,
+        origin: &ServerName,
+        room: &RoomInfo,
+        event_id: &OwnedEventId,
+    ) -> Result<()> {
+        let path = format!(
+            "/_matrix/federation/v1/event_auth/{}/{}",
+            encode(room.room_id.as_str()),
+            encode(event_id.as_str())
+        );
+        let resp = self
+            .client
+            .request(origin, http::Method::GET, &path, None)
+            .await
+            .map_err(|e| Error::internal(format!("event_auth: {e}")))?;
+        let chain = resp
+            .get("auth_chain")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let pdus = self.verify_pdus(room, &chain).await;
+        self.server.store_outliers(room, pdus).await?;
+        Ok(())
+    }
+
+    /// Fetches the events between our forward extremities and `pdu` and adds them, oldest
+    /// first.
+    async fn fetch_missing_parents(
+        &self,
+        origin: &ServerName,
+        room: &Arc<RoomInfo>,
+        pdu: &Pdu,
+    ) -> Result<()> {
+        let earliest: Vec<String> = self
+            .server
+            .store
+            .forward_extremities(room.nid)
+            .await?
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        let path = format!(
+            "/_matrix/federation/v1/get_missing_events/{}",
+            encode(room.room_id.as_str())
+        );
+        let body = json!({
+            "earliest_events": earliest,
+            "latest_events": [pdu.event_id],
+            "limit": MAX_MISSING,
+            "min_depth": 0,
+        });
+        let resp = self
+            .client
+            .request(origin, http::Method::POST, &path, Some(&body))
+            .await
+            .map_err(|e| Error::internal(format!("get_missing_events: {e}")))?;
+        let events = resp
+            .get("events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut pdus = self.verify_pdus(room, &events).await;
+        pdus.sort_by_key(|p| p.depth);
+        for p in pdus.into_iter().take(MAX_MISSING) {
+            let id = p.event_id.clone();
+            // Each parent may lack its own auth events; its own parents should be in the list.
+            match Box::pin(self.handle_pdu_once(origin, room, p)).await {
+                Ok(outcome) => tracing::debug!(event = %id, ?outcome, "fetched parent"),
+                Err(e) => tracing::info!(event = %id, error = %e, "fetched parent failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Federation::handle_pdu`], fetching auth events but not parents.
+    async fn handle_pdu_once(
+        &self,
+        origin: &ServerName,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+    ) -> Result<Ingested> {
+        let outcome = self.server.ingest_pdu(room, pdu.clone(), None).await?;
+        match outcome {
+            Ingested::Missing(m) if m.iter().any(|x| pdu.auth_events.contains(x)) => {
+                self.fetch_auth_chain(origin, room, &pdu.event_id).await?;
+                self.server.ingest_pdu(room, pdu, None).await
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// The rules of a room version we can take part in.
+    pub fn check_version(version: &myelin_core::ruma::RoomVersionId) -> Result<()> {
+        rules_for(version).map(|_| ())
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
