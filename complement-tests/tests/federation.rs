@@ -212,7 +212,11 @@ async fn invite_kick_ban_leave_rejoin(a: TestServer, b: TestServer) -> anyhow::R
         .await?);
     let r = bob
         .post(
-            &format!("/rooms/{}/join", complement_tests::enc(&room)),
+            &format!(
+                "/join/{}?server_name={}",
+                complement_tests::enc(&room),
+                complement_tests::enc(a.server_name())
+            ),
             &json!({}),
         )
         .await?;

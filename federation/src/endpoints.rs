@@ -173,6 +173,10 @@ async fn receive_pdu(
         },
         Err(_) => return (None, Err("invalid room_id".into())),
     };
+    match fed.server.has_state(&room).await {
+        Ok(true) => {}
+        _ => return (None, Err("this server is not in the room".into())),
+    }
     let pdu = match fed.verify_pdu(&room, value).await {
         Ok(p) => p,
         Err(e) => return (None, Err(e.message())),
@@ -183,7 +187,10 @@ async fn receive_pdu(
         Ok(Ingested::Accepted(_) | Ingested::Known | Ingested::SoftFailed) => Ok(()),
         Ok(Ingested::Rejected(why)) => Err(why),
         Ok(Ingested::Missing(ids)) => Err(format!("missing events: {ids:?}")),
-        Err(e) => Err(e.message()),
+        Err(e) => {
+            tracing::warn!(origin = %origin, event = ?id, error = %e, "handling an event failed");
+            Err(e.message())
+        }
     };
     (id, result)
 }

@@ -114,6 +114,18 @@ impl Server {
         Ok(out)
     }
 
+    /// Whether we hold the room's state (false for a room we only know from an invite).
+    pub async fn has_state(&self, room: &RoomInfo) -> Result<bool> {
+        if self.room_tip(room.nid).is_some() {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .room_by_nid(room.nid)
+            .await?
+            .is_some_and(|r| r.state_group.is_some()))
+    }
+
     /// The room's create event.
     async fn create_event(&self, room: &RoomInfo, state: Option<&StateMap>) -> Result<Arc<Pdu>> {
         if room.rules.authorization.room_create_event_id_as_room_id {
@@ -128,7 +140,10 @@ impl Server {
                 return Ok(e.pdu.clone());
             }
         }
-        Err(Error::internal("the room's create event is not stored"))
+        Err(Error::internal(format!(
+            "the create event of {} (version {}) is not stored",
+            room.room_id, room.version
+        )))
     }
 
     /// An event's auth events as auth state (with the room's create event), or the IDs missing.
@@ -259,7 +274,7 @@ impl Server {
                             tracing::debug!(event = %id, ?missing, "outlier lacks auth events");
                             continue;
                         }
-                        Err(e) => Some(e.message()),
+                        Err(e) => Some(e.to_string()),
                     }
                 };
                 let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
@@ -304,43 +319,62 @@ impl Server {
     }
 
     /// Resolves several states of a room with the room version's state resolution.
+    /// `unstored` is an event some state holds that is not stored yet (the one being added).
     pub async fn resolve_states(
         &self,
         room: &RoomInfo,
         maps: &[Arc<StateMap>],
+        unstored: Option<(i64, &Arc<Pdu>)>,
     ) -> Result<StateMap> {
         if maps.len() == 1 {
             return Ok((*maps[0]).clone());
         }
-        // Events of every state, by ID, with their state key IDs.
+        // Events of every state, by ID, and the numeric IDs of events and state keys.
         let mut pdus: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
         let mut key_of: HashMap<OwnedEventId, i64> = HashMap::new();
+        let mut nid_of: HashMap<OwnedEventId, i64> = HashMap::new();
         let mut ruma_maps = Vec::with_capacity(maps.len());
         for m in maps {
             let mut rm: ruma::state_res::StateMap<OwnedEventId> = HashMap::new();
-            let events = self
-                .events(&m.values().copied().collect::<Vec<_>>())
-                .await?;
-            for (k, e) in m.keys().zip(events.iter()) {
-                let _ = k;
-                if let Some(pair) = state_pair(&e.pdu) {
-                    rm.insert(pair, e.pdu.event_id.clone());
+            let entries: Vec<(i64, i64)> = m.iter().map(|(k, v)| (*k, *v)).collect();
+            let stored: Vec<i64> = entries
+                .iter()
+                .map(|(_, v)| *v)
+                .filter(|v| Some(*v) != unstored.map(|(n, _)| n))
+                .collect();
+            let loaded: HashMap<i64, Arc<Pdu>> = self
+                .events(&stored)
+                .await?
+                .into_iter()
+                .map(|e| (e.nid, e.pdu.clone()))
+                .collect();
+            for (k, nid) in entries {
+                let pdu = match (loaded.get(&nid), unstored) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some((n, p))) if n == nid => p.clone(),
+                    _ => continue,
+                };
+                if let Some(pair) = state_pair(&pdu) {
+                    rm.insert(pair, pdu.event_id.clone());
                 }
-                pdus.insert(e.pdu.event_id.clone(), e.pdu.clone());
-            }
-            for (k, nid) in m.iter() {
-                if let Some(e) = events.iter().find(|e| e.nid == *nid) {
-                    key_of.insert(e.pdu.event_id.clone(), *k);
-                }
+                key_of.insert(pdu.event_id.clone(), k);
+                nid_of.insert(pdu.event_id.clone(), nid);
+                pdus.insert(pdu.event_id.clone(), pdu);
             }
             ruma_maps.push(rm);
         }
         // Auth chains of each state.
         let mut chains = Vec::with_capacity(maps.len());
         for rm in &ruma_maps {
-            let ids: Vec<OwnedEventId> = rm.values().cloned().collect();
-            let chain = self.auth_chain(&ids).await?;
+            let mut ids: Vec<OwnedEventId> = rm.values().cloned().collect();
             let mut set = EventIdSet::new();
+            if let Some((_, p)) = unstored.filter(|(_, p)| ids.contains(&p.event_id)) {
+                // Not stored yet: its chain is its auth events' chains and itself.
+                ids.retain(|i| *i != p.event_id);
+                ids.extend(p.auth_events.iter().cloned());
+                set.insert(p.event_id.clone());
+            }
+            let chain = self.auth_chain(&ids).await?;
             for e in chain {
                 set.insert(e.pdu.event_id.clone());
                 pdus.entry(e.pdu.event_id.clone()).or_insert(e.pdu.clone());
@@ -369,9 +403,12 @@ impl Server {
                 Some(k) => *k,
                 None => self.state.intern(&self.store, &ty.to_string(), &sk).await?,
             };
-            let nid = match self.event_by_id(&id).await? {
-                Some(e) => e.nid,
-                None => continue,
+            let nid = match nid_of.get(&id) {
+                Some(n) => *n,
+                None => match self.event_by_id(&id).await? {
+                    Some(e) => e.nid,
+                    None => continue,
+                },
             };
             out.insert(k, nid);
         }
@@ -540,7 +577,7 @@ impl Server {
             let (m, chain) = self.state.group(&self.store, groups[0]).await?;
             (groups[0], m, chain)
         } else {
-            let resolved = self.resolve_states(room, &before_maps).await?;
+            let resolved = self.resolve_states(room, &before_maps, None).await?;
             let (g, chain) = self.group_for(None, &resolved);
             let group = g.group;
             extra_groups.push(g);
@@ -608,7 +645,7 @@ impl Server {
                     maps.push(self.state_map(g).await?);
                 }
             }
-            let resolved = self.resolve_states(room, &maps).await?;
+            let resolved = self.resolve_states(room, &maps, Some((nid, &pdu))).await?;
             if resolved == *after_map {
                 (after_group, after_map.clone(), after_chain)
             } else {
@@ -783,7 +820,7 @@ impl Server {
         let after = Arc::new(after);
         let old_state = match guard.as_ref() {
             Some(h) => h.state.clone(),
-            None if new_room => Arc::new(StateMap::new()),
+            None if new_room || !self.has_state(&room).await? => Arc::new(StateMap::new()),
             None => self.load_head(&room, &mut guard).await?.state.clone(),
         };
         let mut current = self
