@@ -177,11 +177,19 @@ async fn receive_pdu(
         Ok(true) => {}
         _ => return (None, Err("this server is not in the room".into())),
     }
+    // The event ID first, so a refusal can name the event.
+    let id = myelin_core::ruma::CanonicalJsonValue::try_from(value.clone())
+        .ok()
+        .and_then(|v| match v {
+            myelin_core::ruma::CanonicalJsonValue::Object(o) => Some(o),
+            _ => None,
+        })
+        .and_then(|o| myelin_core::server::pdu_from_federation(&o, &room.version).ok())
+        .map(|p| p.event_id.to_string());
     let pdu = match fed.verify_pdu(&room, value).await {
         Ok(p) => p,
-        Err(e) => return (None, Err(e.message())),
+        Err(e) => return (id, Err(e.message())),
     };
-    let id = Some(pdu.event_id.to_string());
     let outcome = fed.handle_pdu(origin, &room, pdu, false).await;
     let result = match outcome {
         Ok(Ingested::Accepted(_) | Ingested::Known | Ingested::SoftFailed) => Ok(()),
