@@ -82,12 +82,15 @@ fn parse_alias(alias: &str) -> ApiResult<OwnedRoomAliasId> {
 /// `GET /directory/room/{roomAlias}`.
 pub async fn get_alias(
     State(server): State<Arc<Server>>,
+    axum::Extension(fed): axum::Extension<Arc<myelin_federation::Federation>>,
     Path(alias): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let alias = parse_alias(&alias)?;
     let not_found = || Error::not_found(format!("Room alias {alias} not found"));
     if alias.server_name().as_str() != server.server_name() {
-        return Err(not_found().into());
+        // Another server's alias: ask it.
+        let (room_id, servers) = fed.query_alias(alias.as_str()).await?;
+        return Ok(Json(json!({ "room_id": room_id, "servers": servers })));
     }
     let (room_id, _) = server
         .store

@@ -123,8 +123,7 @@ fn profile_json(user: &UserRow) -> Map<String, Value> {
     out
 }
 
-/// A local user by path segment, 404 `M_NOT_FOUND` when unknown (remote profiles need
-/// federation, which Myelin does not speak yet).
+/// A local user by path segment, 404 `M_NOT_FOUND` when unknown.
 async fn profile_owner(server: &Server, user_id: &str) -> ApiResult<(OwnedUserId, UserRow)> {
     let user: OwnedUserId = parse_id(user_id, "user ID")?;
     let row = server
@@ -135,11 +134,16 @@ async fn profile_owner(server: &Server, user_id: &str) -> ApiResult<(OwnedUserId
     Ok((user, row))
 }
 
-/// `GET /profile/{userId}`.
+/// `GET /profile/{userId}` (asking the user's server for users of other servers).
 pub async fn get_profile(
     State(server): State<Arc<Server>>,
+    axum::Extension(fed): axum::Extension<Arc<myelin_federation::Federation>>,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let user: OwnedUserId = parse_id(&user_id, "user ID")?;
+    if user.server_name().as_str() != server.server_name() {
+        return Ok(Json(fed.query_profile(&user, None).await?));
+    }
     let (_, row) = profile_owner(&server, &user_id).await?;
     Ok(Json(Value::Object(profile_json(&row))))
 }
@@ -147,12 +151,25 @@ pub async fn get_profile(
 /// `GET /profile/{userId}/{keyName}`.
 pub async fn get_field(
     State(server): State<Arc<Server>>,
+    axum::Extension(fed): axum::Extension<Arc<myelin_federation::Federation>>,
     Path((user_id, key)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let key = match classify_key(&key) {
         Ok(k) => k,
         Err(bad) => return Ok(bad.response()),
     };
+    let user: OwnedUserId = parse_id(&user_id, "user ID")?;
+    if user.server_name().as_str() != server.server_name() {
+        let name = match &key {
+            Key::Stored(f) => f.name().to_owned(),
+            _ => return Err(Error::not_found("Profile field not found").into()),
+        };
+        let remote = fed.query_profile(&user, Some(&name)).await?;
+        return match remote.get(&name) {
+            Some(v) => Ok(Json(json!({ name: v })).into_response()),
+            None => Err(Error::not_found("Profile field not found").into()),
+        };
+    }
     let (_, row) = profile_owner(&server, &user_id).await?;
     let Key::Stored(field) = key else {
         return Err(Error::not_found("Profile field not found").into());

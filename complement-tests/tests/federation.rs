@@ -116,6 +116,30 @@ async fn join_by_alias_and_talk(a: TestServer, b: TestServer) -> anyhow::Result<
         .await?;
     alice.send_message(&room, "before bob").await?;
     let alias = format!("#lobby:{}", a.server_name());
+    // Another server's alias and profiles are looked up over federation.
+    let looked_up = ok(bob
+        .get(&format!(
+            "/directory/room/{}",
+            complement_tests::enc(&alias)
+        ))
+        .await?);
+    assert_eq!(looked_up["room_id"], room.as_str());
+    ok(alice
+        .put(
+            &format!(
+                "/profile/{}/displayname",
+                complement_tests::enc(&a.user_id("alice"))
+            ),
+            &json!({"displayname": "Alice A."}),
+        )
+        .await?);
+    let profile = ok(bob
+        .get(&format!(
+            "/profile/{}",
+            complement_tests::enc(&a.user_id("alice"))
+        ))
+        .await?);
+    assert_eq!(profile["displayname"], "Alice A.");
     let joined = bob.join(&alias).await?;
     assert_eq!(joined, room);
     // Bob's server has the room's state; Alice's server sees Bob join.

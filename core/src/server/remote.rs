@@ -179,8 +179,9 @@ impl Server {
             return Ok(Err(missing));
         }
         if pdu.kind != TimelineEventType::RoomCreate {
-            let key = (StateEventType::RoomCreate, String::new());
-            if !state.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                state.entry((StateEventType::RoomCreate, String::new()))
+            {
                 let create = match extra
                     .values()
                     .find(|p| p.kind == TimelineEventType::RoomCreate)
@@ -188,7 +189,7 @@ impl Server {
                     Some(c) => c.clone(),
                     None => self.create_event(room, None).await?,
                 };
-                state.insert(key, create);
+                slot.insert(create);
             }
         }
         Ok(Ok(state))
@@ -1053,7 +1054,7 @@ impl Server {
         let auth = self
             .auth_state_from(&room.rules, &head.state, &probe)
             .await?;
-        check_auth(&room.rules, &probe, &auth).map_err(|e| Error::forbidden(format!("{e}")))?;
+        check_auth(&room.rules, &probe, &auth).map_err(Error::forbidden)?;
         if let Some(o) = template.as_object_mut() {
             o.remove("origin");
         }
