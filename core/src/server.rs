@@ -1008,7 +1008,11 @@ impl Server {
                 .map(|(u, m, _)| (u.clone(), m.clone()))
                 .collect::<Vec<_>>()
         });
-        write.current = extras.current;
+        write.current = extras.current.map(|mut c| {
+            // Membership changes are recorded at the position of the event that made them.
+            c.position = positions.last().copied().unwrap_or(0);
+            c
+        });
         for ((b, a), pos) in built.iter().zip(&applied).zip(&positions) {
             head.pending.insert(a.nid, (*pos, b.pdu.clone()));
         }
