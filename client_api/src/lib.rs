@@ -65,6 +65,7 @@ fn versioned() -> Router<Arc<Server>> {
             post(membership::join_by_id_or_alias),
         )
         .route("/rooms/{room_id}/join", post(membership::join))
+        .route("/knock/{room_id_or_alias}", post(membership::knock))
         .route("/rooms/{room_id}/invite", post(membership::invite))
         .route("/rooms/{room_id}/leave", post(membership::leave))
         .route("/rooms/{room_id}/forget", post(membership::forget))

@@ -101,9 +101,21 @@ pub async fn join_by_id_or_alias(
     RawQuery(query): RawQuery,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
+    let (room_id, via) = resolve_target(&server, &fed, &target, query).await?;
+    join_room_id(&server, &fed, &auth, &room_id, via, body.reason).await
+}
+
+/// A room ID or alias from the path, with the servers to go through: `?via=` and
+/// `?server_name=`, then those another server names for its alias.
+async fn resolve_target(
+    server: &Server,
+    fed: &Federation,
+    target: &str,
+    query: Option<String>,
+) -> ApiResult<(OwnedRoomId, Vec<OwnedServerName>)> {
     let mut via = via_servers(query);
     let room_id: OwnedRoomId = if target.starts_with('#') {
-        let alias: OwnedRoomAliasId = parse_id(&target, "room alias")?;
+        let alias: OwnedRoomAliasId = parse_id(target, "room alias")?;
         if alias.server_name() == server.server_name.as_ref() as &ServerName {
             let (room_id, _) = server
                 .store
@@ -117,11 +129,63 @@ pub async fn join_by_id_or_alias(
             room_id
         }
     } else if target.starts_with('!') {
-        parse_id(&target, "room ID")?
+        parse_id(target, "room ID")?
     } else {
         return err(ErrorKind::InvalidParam, "Expected a room ID or alias");
     };
-    join_room_id(&server, &fed, &auth, &room_id, via, body.reason).await
+    Ok((room_id, via))
+}
+
+/// `POST /knock/{roomIdOrAlias}`: asks to be let into a room whose join rule is `knock` (or
+/// `knock_restricted`). Knocks locally when a user of ours is in the room, otherwise through
+/// another server (`make_knock`/`send_knock`).
+pub async fn knock(
+    State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
+    auth: Auth,
+    Path(target): Path<String>,
+    RawQuery(query): RawQuery,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let (room_id, mut via) = resolve_target(&server, &fed, &target, query).await?;
+    if let Some(room) = server.room(&room_id).await? {
+        let current = server
+            .store
+            .membership(room.nid, auth.user_id.as_str())
+            .await?;
+        match current.as_ref().map(|m| m.membership.as_str()) {
+            Some("knock") => return Ok(Json(json!({ "room_id": room_id }))),
+            Some("join") => return err(ErrorKind::Forbidden, "You are already in the room"),
+            Some("invite") => return err(ErrorKind::Forbidden, "You are invited to the room"),
+            Some("ban") => return err(ErrorKind::Forbidden, "You are banned from the room"),
+            _ => {}
+        }
+        if resident(&server, &room).await? {
+            set_membership(
+                &server,
+                &room,
+                &auth.user_id,
+                &auth.user_id,
+                "knock",
+                body.reason.as_deref(),
+            )
+            .await?;
+            return Ok(Json(json!({ "room_id": room_id })));
+        }
+    }
+    if let Some(s) = room_id.server_name() {
+        via.push(s.to_owned());
+    }
+    via.dedup();
+    if via.is_empty() {
+        return err(
+            ErrorKind::NotFound,
+            "Unknown room; no server to knock through",
+        );
+    }
+    fed.knock_remote(&auth.user_id, &room_id, &via, body.reason.as_deref())
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
 }
 
 pub async fn join(
@@ -181,7 +245,8 @@ async fn join_room_id(
             "Unknown room; no server to join it through",
         );
     }
-    fed.join_remote(&auth.user_id, room_id, &via).await?;
+    fed.join_remote(&auth.user_id, room_id, &via, reason.as_deref())
+        .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -273,7 +338,25 @@ pub async fn leave(
             if let Some(s) = room.room_id.server_name() {
                 via.push(s.to_owned());
             }
-            fed.leave_remote(&auth.user_id, &room.room_id, &via).await?;
+            // A knock's sender is our own user: the servers of the room's stripped state
+            // (its creator's, first) know the room.
+            for e in server
+                .remote_invite_state(room.nid, auth.user_id.as_str())
+                .await?
+                .unwrap_or_default()
+            {
+                if let Some(s) = e
+                    .get("sender")
+                    .and_then(Value::as_str)
+                    .and_then(|u| OwnedUserId::try_from(u).ok())
+                {
+                    if !via.iter().any(|v| v == s.server_name()) {
+                        via.push(s.server_name().to_owned());
+                    }
+                }
+            }
+            fed.leave_remote(&auth.user_id, &room.room_id, &via, body.reason.as_deref())
+                .await?;
             return Ok(Json(json!({})));
         }
     }

@@ -1,5 +1,5 @@
 //! Room membership: join by room ID and by alias, invite, leave (and
-//! rejecting an invite), forget, kick, ban and unban, plus the membership
+//! rejecting an invite), knock, forget, kick, ban and unban, plus the membership
 //! read endpoints `/joined_rooms`, `/rooms/{id}/members` (with `membership`,
 //! `not_membership` and `at`) and `/rooms/{id}/joined_members`.
 
@@ -292,7 +292,89 @@ async fn members_at_token(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Knocking (`POST /knock/{roomIdOrAlias}`): allowed only where the join rule is `knock`;
+/// the knock shows in the room's state with its reason and in the knocker's sync under
+/// `rooms.knock`; an invite accepts it, a kick denies it, a ban forbids knocking again.
+async fn knock_room(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let eve = server.register("eve", "eve-password").await?;
+    let private = alice
+        .create_room(&json!({"preset": "private_chat"}))
+        .await?;
+    let refused = bob
+        .post(&format!("/knock/{}", enc(&private)), &json!({}))
+        .await?;
+    assert_error(&refused, 403, "M_FORBIDDEN");
+
+    let room = alice
+        .create_room(&json!({
+            "preset": "private_chat",
+            "room_alias_name": "door",
+            "name": "Door",
+            "initial_state": [{
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {"join_rule": "knock"},
+            }],
+        }))
+        .await?;
+    let uninvited = bob
+        .post(&format!("/join/{}", enc(&room)), &json!({}))
+        .await?;
+    assert_error(&uninvited, 403, "M_FORBIDDEN");
+    let knocked = ok(bob
+        .post(
+            &format!("/knock/{}", enc(&server.alias("door"))),
+            &json!({"reason": "hello?"}),
+        )
+        .await?);
+    assert_eq!(knocked["room_id"], room.as_str());
+    let member = ok(alice
+        .get_state(&room, "m.room.member", &bob.user_id)
+        .await?);
+    assert_eq!(member["membership"], "knock");
+    assert_eq!(member["reason"], "hello?");
+    let sync = bob.sync(None, Some(0), None).await?;
+    let knock_state = &sync["rooms"]["knock"][&room]["knock_state"]["events"];
+    assert!(
+        knock_state.as_array().is_some_and(|events| events
+            .iter()
+            .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Door")),
+        "the knocker's sync shows the knocked room: {sync}"
+    );
+
+    // Accepted with an invite.
+    alice.invite(&room, &bob.user_id).await?;
+    bob.join(&room).await?;
+    assert_eq!(membership_of(&alice, &room, &bob.user_id).await?, "join");
+
+    // Denied with a kick; then banned, and a banned user cannot knock.
+    ok(eve
+        .post(&format!("/knock/{}", enc(&room)), &json!({}))
+        .await?);
+    ok(alice
+        .post(
+            &format!("/rooms/{}/kick", enc(&room)),
+            &json!({"user_id": eve.user_id}),
+        )
+        .await?);
+    assert_eq!(membership_of(&alice, &room, &eve.user_id).await?, "leave");
+    ok(alice
+        .post(
+            &format!("/rooms/{}/ban", enc(&room)),
+            &json!({"user_id": eve.user_id}),
+        )
+        .await?);
+    let banned = eve
+        .post(&format!("/knock/{}", enc(&room)), &json!({}))
+        .await?;
+    assert_error(&banned, 403, "M_FORBIDDEN");
+    Ok(())
+}
+
 backend_tests!(
+    knock_room,
     join_invite_kick_ban,
     invite_only_room,
     leave_and_forget,

@@ -78,20 +78,22 @@ impl Federation {
         Ok((obj, pdu))
     }
 
-    /// Asks `via` for a membership template (`make_join`, `make_leave`).
+    /// Asks `via` for a membership template (`make_join`, `make_leave`, `make_knock`) and
+    /// signs it, with `reason` added to its content.
     async fn make_membership(
         &self,
         via: &ServerName,
         kind: &str,
         room_id: &RoomId,
         user: &UserId,
+        reason: Option<&str>,
     ) -> Result<(RoomVersionId, CanonicalJsonObject, Pdu)> {
         let mut path = format!(
             "/_matrix/federation/v1/make_{kind}/{}/{}",
             encode(room_id.as_str()),
             encode(user.as_str())
         );
-        if kind == "join" {
+        if kind == "join" || kind == "knock" {
             let vers: Vec<String> = SUPPORTED_ROOM_VERSIONS
                 .iter()
                 .map(|v| format!("ver={v}"))
@@ -110,9 +112,10 @@ impl Federation {
         let version = RoomVersionId::try_from(version)
             .map_err(|_| Error::bad_json("the other server sent an invalid room version"))?;
         rules_for(&version)?;
-        let template = resp
+        let mut template = resp
             .get("event")
-            .ok_or_else(|| Error::bad_json("make_join answer without an event"))?;
+            .cloned()
+            .ok_or_else(|| Error::bad_json(format!("make_{kind} answer without an event")))?;
         let checks = [
             ("type", json!("m.room.member")),
             ("sender", json!(user)),
@@ -125,7 +128,13 @@ impl Federation {
                 )));
             }
         }
-        let (obj, pdu) = self.sign_template(template, &version)?;
+        if template.get("content").and_then(|c| c.get("membership")) != Some(&json!(kind)) {
+            return Err(Error::bad_json("the event template has a wrong membership"));
+        }
+        if let Some(reason) = reason {
+            template["content"]["reason"] = json!(reason);
+        }
+        let (obj, pdu) = self.sign_template(&template, &version)?;
         Ok((version, obj, pdu))
     }
 
@@ -135,10 +144,11 @@ impl Federation {
         user: &UserId,
         room_id: &RoomId,
         via: &[OwnedServerName],
+        reason: Option<&str>,
     ) -> Result<Arc<RoomInfo>> {
         let mut last = Error::not_found("No server in the room could be asked to join it");
         for server in via.iter().filter(|s| **s != self.server.server_name) {
-            match self.join_via(server, user, room_id).await {
+            match self.join_via(server, user, room_id, reason).await {
                 Ok(room) => return Ok(room),
                 Err(e) => {
                     tracing::info!(via = %server, error = %e, "remote join failed");
@@ -154,8 +164,11 @@ impl Federation {
         via: &ServerName,
         user: &UserId,
         room_id: &RoomId,
+        reason: Option<&str>,
     ) -> Result<Arc<RoomInfo>> {
-        let (version, obj, pdu) = self.make_membership(via, "join", room_id, user).await?;
+        let (version, obj, pdu) = self
+            .make_membership(via, "join", room_id, user, reason)
+            .await?;
         let path = format!(
             "/_matrix/federation/v2/send_join/{}/{}",
             encode(room_id.as_str()),
@@ -200,12 +213,14 @@ impl Federation {
         user: &UserId,
         room_id: &RoomId,
         via: &[OwnedServerName],
+        reason: Option<&str>,
     ) -> Result<()> {
         let mut last = Error::not_found("No server in the room could be asked to leave it");
         for server in via.iter().filter(|s| **s != self.server.server_name) {
             let attempt = async {
-                let (version, obj, pdu) =
-                    self.make_membership(server, "leave", room_id, user).await?;
+                let (version, obj, pdu) = self
+                    .make_membership(server, "leave", room_id, user, reason)
+                    .await?;
                 let path = format!(
                     "/_matrix/federation/v2/send_leave/{}/{}",
                     encode(room_id.as_str()),
@@ -223,6 +238,57 @@ impl Federation {
             match attempt.await {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Knocks on a room we are not in, through the first of `via` that answers
+    /// (`make_knock` → sign → `send_knock`); the knock is remembered with the stripped state
+    /// the resident server sent, for the knocker's `/sync` (`rooms.knock`).
+    pub async fn knock_remote(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        via: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut last = Error::not_found("No server in the room could be asked to knock on it");
+        for server in via.iter().filter(|s| **s != self.server.server_name) {
+            let attempt = async {
+                let (version, obj, pdu) = self
+                    .make_membership(server, "knock", room_id, user, reason)
+                    .await?;
+                let path = format!(
+                    "/_matrix/federation/v1/send_knock/{}/{}",
+                    encode(room_id.as_str()),
+                    encode(pdu.event_id.as_str())
+                );
+                let body = serde_json::to_value(&obj)?;
+                let resp = self
+                    .client
+                    .request(server, http::Method::PUT, &path, Some(&body))
+                    .await
+                    .map_err(|e| remote_error("send_knock", e))?;
+                let stripped = resp
+                    .get("knock_room_state")
+                    .or_else(|| resp.get("knock_state"))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.get("type").is_some_and(Value::is_string))
+                    .collect();
+                self.server
+                    .store_remote_membership(version, pdu, stripped)
+                    .await
+            };
+            match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::info!(via = %server, error = %e, "remote knock failed");
+                    last = e;
+                }
             }
         }
         Err(last)
