@@ -34,6 +34,7 @@ pub const ENV_OPTIONS: &[(&str, &str)] = &[
         "MYELIN_FEDERATION_ALLOW_PRIVATE_ADDRESSES",
         "federation_allow_private_addresses",
     ),
+    ("MYELIN_TRUSTED_KEY_SERVERS", "trusted_key_servers"),
 ];
 
 fn parse<T: FromStr>(option: &str, value: &str) -> Result<T, String>
@@ -93,6 +94,15 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
             "federation_allow_private_addresses" => {
                 c.federation_allow_private_addresses = parse(option, &value)?
             }
+            // Comma-separated server names.
+            "trusted_key_servers" => {
+                c.trusted_key_servers = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
             _ => {}
         }
     }
@@ -124,6 +134,13 @@ fn validate(c: &Config) -> Result<(), String> {
             "option `server_name`: {:?} is not a valid server name",
             c.server_name
         ));
+    }
+    for notary in &c.trusted_key_servers {
+        if myelin_core::ruma::ServerName::parse(notary).is_err() {
+            return Err(format!(
+                "option `trusted_key_servers`: {notary:?} is not a valid server name"
+            ));
+        }
     }
     let url = c.database_url();
     if !(url.starts_with("sqlite:")
@@ -186,6 +203,15 @@ mod tests {
         let c = load(Some(&f)).unwrap();
         assert_eq!(c.federation_listen, Some(([0, 0, 0, 0], 8448).into()));
         assert!(!c.federation_verify_tls && c.federation_allow_private_addresses);
+        std::fs::write(
+            &f,
+            "trusted_key_servers = [\"notary.example\", \"n2.example:8448\"]\n",
+        )
+        .unwrap();
+        let c = load(Some(&f)).unwrap();
+        assert_eq!(c.trusted_key_servers, ["notary.example", "n2.example:8448"]);
+        std::fs::write(&f, "trusted_key_servers = [\"not a name\"]\n").unwrap();
+        assert!(load(Some(&f)).unwrap_err().contains("trusted_key_servers"));
         std::fs::write(&f, "federation_listen = \"nowhere\"\n").unwrap();
         assert!(load(Some(&f)).unwrap_err().contains("federation_listen"));
         std::fs::write(&f, "tls_certificate = \"/nonexistent/cert.pem\"\ntls_private_key = \"/nonexistent/key.pem\"\n").unwrap();

@@ -1,7 +1,7 @@
 //! Federation between two Myelin servers on loopback (TLS with self-signed certificates,
 //! verification off): joins by alias, messages and state both ways, invites, kicks and bans
-//! across servers, leave and rejoin, a server that was down catching up, and both servers
-//! agreeing on the room's state.
+//! across servers, leave and rejoin, a server that was down catching up, both servers
+//! agreeing on the room's state, and a server's keys fetched through a notary while it is down.
 
 use std::time::{Duration, Instant};
 
@@ -318,6 +318,56 @@ async fn conflicting_state_converges(a: TestServer, b: TestServer) -> anyhow::Re
     Ok(())
 }
 
+/// Keys through a notary: B's user joins a room on N; B goes down; a user of A (which trusts N
+/// as a key server) joins the room through N and needs B's key to accept B's member event
+/// from the room state: A gets it from N, countersigned. C, trusting no notary, cannot check
+/// that event and leaves it out of its state.
+async fn keys_through_a_notary(n: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let log = ("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn");
+    let a = TestServer::start_federating(
+        n.backend(),
+        &[log, ("MYELIN_TRUSTED_KEY_SERVERS", n.server_name())],
+    )
+    .await?;
+    let c = TestServer::start_federating(n.backend(), &[log]).await?;
+    let result = async {
+        let nina = n.register("nina", "nina-password").await?;
+        let bob = b.register("bob", "bob-password").await?;
+        let bob_id = b.user_id("bob");
+        let room = nina
+            .create_room(&json!({"preset": "public_chat", "room_alias_name": "keys"}))
+            .await?;
+        bob.join(&format!("#keys:{}", n.server_name())).await?;
+        wait_membership(&nina, &room, bob_id.as_str(), "join").await?;
+        nina.send_message(&room, "bob is here").await?;
+        b.stop(Duration::from_secs(10)).await?;
+
+        let alice = a.register("alice", "alice-password").await?;
+        alice.join(&format!("#keys:{}", n.server_name())).await?;
+        assert_eq!(
+            membership(&alice, &room, bob_id.as_str()).await?.as_deref(),
+            Some("join"),
+            "A accepted B's member event with B's key from the notary"
+        );
+        let carol = c.register("carol", "carol-password").await?;
+        carol.join(&format!("#keys:{}", n.server_name())).await?;
+        assert_eq!(
+            membership(&carol, &room, bob_id.as_str()).await?,
+            None,
+            "C could not check B's member event without B or a notary"
+        );
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        for (name, s) in [("A", &a), ("C", &c)] {
+            eprintln!("---- server {name} ----");
+            s.print_log_tail();
+        }
+    }
+    result
+}
+
 /// Runs a scenario; on failure both servers' logs are printed.
 async fn run<F, Fut>(backend: Backend, scenario: F) -> anyhow::Result<()>
 where
@@ -354,5 +404,6 @@ both!(
     join_by_alias_and_talk,
     invite_kick_ban_leave_rejoin,
     catch_up_after_restart,
-    conflicting_state_converges
+    conflicting_state_converges,
+    keys_through_a_notary
 );

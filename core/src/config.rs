@@ -93,6 +93,9 @@ pub struct Config {
     /// Allow outbound federation to loopback, private, link-local and similar addresses
     /// (off by default: a server name must not make us reach into our own network).
     pub federation_allow_private_addresses: bool,
+    /// Notary servers asked for another server's keys when that server cannot be reached
+    /// (`POST /_matrix/key/v2/query`); their own keys are fetched from them directly.
+    pub trusted_key_servers: Vec<String>,
 }
 
 impl Default for Config {
@@ -116,6 +119,7 @@ impl Default for Config {
             federation_verify_tls: true,
             federation_ca_file: None,
             federation_allow_private_addresses: false,
+            trusted_key_servers: Vec::new(),
         }
     }
 }

@@ -6,8 +6,12 @@
 //! their `expired_ts` and count only for timestamps before it.
 //!
 //! Refetching happens when no known key is valid at the wanted time (or the wanted key ID is
-//! unknown), at most once per [`REFETCH_INTERVAL`] per server. There is no notary fallback yet
-//! (no trusted notaries are configured).
+//! unknown), at most once per [`REFETCH_INTERVAL`] per server. When the server itself cannot be
+//! reached, the configured `trusted_key_servers` are asked in turn (`POST
+//! /_matrix/key/v2/query`): an answer counts only with the origin's own valid self-signature
+//! *and* the notary's signature by a key fetched from the notary itself. Serving our own notary
+//! endpoints never asks notaries (so two notaries trusting each other cannot wait on each
+//! other).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -45,6 +49,8 @@ pub struct KeyRing {
     client: Arc<FederationClient>,
     /// Our own keys that are no longer in use (`data_dir/old_signing_keys`).
     own_old_keys: Vec<ServerKeyRow>,
+    /// `trusted_key_servers`, in the configured order.
+    notaries: Vec<OwnedServerName>,
     cache: Mutex<HashMap<OwnedServerName, Arc<Vec<ServerKeyRow>>>>,
     last_fetch: Mutex<HashMap<OwnedServerName, Instant>>,
     fetch_locks: Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
@@ -62,10 +68,17 @@ impl KeyRing {
                 expired_ts: Some(k.expired_ts),
             })
             .collect();
+        let notaries = server
+            .config
+            .trusted_key_servers
+            .iter()
+            .filter_map(|n| OwnedServerName::try_from(n.as_str()).ok())
+            .collect();
         KeyRing {
             server,
             client,
             own_old_keys,
+            notaries,
             cache: Mutex::default(),
             last_fetch: Mutex::default(),
             fetch_locks: Mutex::default(),
@@ -108,7 +121,7 @@ impl KeyRing {
         if !valid.is_empty() && key_id.is_none_or(|k| valid.contains_key(k)) {
             return Ok(valid);
         }
-        match self.fetch(origin).await {
+        match self.fetch(origin, true).await {
             Ok(rows) => Ok(valid_at(&rows, at_ts)),
             Err(e) if valid.is_empty() => Err(e),
             Err(e) => {
@@ -149,7 +162,7 @@ impl KeyRing {
                 return Ok(Some(json.clone()));
             }
         }
-        match self.fetch(origin).await {
+        match self.fetch(origin, false).await {
             Ok(_) => Ok(self
                 .stored_response(origin)
                 .await
@@ -218,8 +231,13 @@ impl KeyRing {
     }
 
     /// Fetches `origin`'s keys from its key server (once per [`REFETCH_INTERVAL`]; concurrent
-    /// callers wait for one fetch) and returns everything known afterwards.
-    async fn fetch(&self, origin: &ServerName) -> Result<Arc<Vec<ServerKeyRow>>, FedError> {
+    /// callers wait for one fetch), else, when `use_notaries` and the server did not answer,
+    /// from the trusted notaries; returns everything known afterwards.
+    async fn fetch(
+        &self,
+        origin: &ServerName,
+        use_notaries: bool,
+    ) -> Result<Arc<Vec<ServerKeyRow>>, FedError> {
         let lock = {
             let mut locks = self.fetch_locks.lock().unwrap_or_else(|e| e.into_inner());
             if locks.len() >= CACHE_CAPACITY {
@@ -231,6 +249,21 @@ impl KeyRing {
         if !self.may_fetch(origin) {
             return Ok(self.known(origin).await);
         }
+        let direct = self.fetch_direct(origin).await;
+        match direct {
+            Err(e) if use_notaries && !self.notaries.is_empty() => {
+                tracing::info!(%origin, "key server unreachable ({e}); asking notaries");
+                match self.fetch_from_notaries(origin).await {
+                    Some(rows) => Ok(rows),
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// `GET /_matrix/key/v2/server` on `origin` itself, checked and stored.
+    async fn fetch_direct(&self, origin: &ServerName) -> Result<Arc<Vec<ServerKeyRow>>, FedError> {
         let response = self
             .client
             .get_unauthenticated(origin, "/_matrix/key/v2/server")
@@ -243,6 +276,73 @@ impl KeyRing {
             }
         })?;
         self.store_response(origin, checked, fetched_ts).await
+    }
+
+    /// Asks each trusted notary in turn for `origin`'s keys; the first answer with at least
+    /// one response that passes both signature checks is stored.
+    async fn fetch_from_notaries(&self, origin: &ServerName) -> Option<Arc<Vec<ServerKeyRow>>> {
+        let body = serde_json::json!({ "server_keys": { origin.as_str(): {} } });
+        for notary in &self.notaries {
+            if notary == origin || *notary == self.server.server_name {
+                continue;
+            }
+            let answer = match self
+                .client
+                .request(
+                    notary,
+                    http::Method::POST,
+                    "/_matrix/key/v2/query",
+                    Some(&body),
+                )
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::info!(%notary, %origin, "notary query failed: {e}");
+                    continue;
+                }
+            };
+            let notary_keys = match self.notary_keys(notary).await {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::info!(%notary, "no keys for the notary itself: {e}");
+                    continue;
+                }
+            };
+            let fetched_ts = now_ms();
+            let mut stored = None;
+            let responses = answer
+                .get("server_keys")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
+            for response in responses {
+                match verify_notarised(origin, notary, &notary_keys, response, fetched_ts) {
+                    Ok(checked) => match self.store_response(origin, checked, fetched_ts).await {
+                        Ok(rows) => stored = Some(rows),
+                        Err(e) => tracing::warn!(%origin, "storing notarised keys: {e}"),
+                    },
+                    Err(reason) => {
+                        tracing::info!(%notary, %origin, "notary answer refused: {reason}")
+                    }
+                }
+            }
+            if stored.is_some() {
+                return stored;
+            }
+        }
+        None
+    }
+
+    /// The notary's own verify keys valid now, from memory, the database or the notary itself
+    /// (never through another notary).
+    async fn notary_keys(&self, notary: &ServerName) -> Result<BTreeMap<String, Base64>, FedError> {
+        let now = now_ms();
+        let known = valid_at(&self.known(notary).await, now);
+        if !known.is_empty() {
+            return Ok(known);
+        }
+        Ok(valid_at(&self.fetch_direct(notary).await?, now))
     }
 
     /// Whether `origin`'s keys may be fetched now (not within [`REFETCH_INTERVAL`] of the last
@@ -390,6 +490,34 @@ pub fn verify_key_response(
     })
 }
 
+/// Checks a key response that `notary` passed on for `origin`: the origin's own
+/// self-signature ([`verify_key_response`]) and the notary's signature with `notary_keys`.
+pub fn verify_notarised(
+    origin: &ServerName,
+    notary: &ServerName,
+    notary_keys: &BTreeMap<String, Base64>,
+    response: &Value,
+    now: i64,
+) -> Result<VerifiedKeys, String> {
+    let checked = verify_key_response(origin, response, now)?;
+    let mut object: CanonicalJsonObject =
+        serde_json::from_value(response.clone()).map_err(|e| format!("not canonical JSON: {e}"))?;
+    let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") else {
+        return Err("no signatures".to_owned());
+    };
+    let by_notary = signatures
+        .get(notary.as_str())
+        .cloned()
+        .ok_or_else(|| format!("not signed by the notary {notary}"))?;
+    object.insert(
+        "signatures".to_owned(),
+        CanonicalJsonValue::Object(CanonicalJsonObject::from([(notary.to_string(), by_notary)])),
+    );
+    let map = PublicKeyMap::from([(notary.to_string(), notary_keys.clone())]);
+    verify_json(&map, &object).map_err(|e| format!("notary signature: {e}"))?;
+    Ok(checked)
+}
+
 fn key_of(entry: &CanonicalJsonValue) -> Option<String> {
     match entry {
         CanonicalJsonValue::Object(o) => match o.get("key") {
@@ -481,5 +609,34 @@ mod tests {
         let mut notarised = resp.clone();
         notarised["signatures"]["notary.example"] = json!({"ed25519:n": "AAAA"});
         assert!(verify_key_response(origin, &notarised, now).is_ok());
+    }
+
+    #[test]
+    fn notarised_responses_need_both_signatures() {
+        let origin = <&ServerName>::try_from("remote.example").unwrap();
+        let notary = <&ServerName>::try_from("notary.example").unwrap();
+        let (k, n) = (key("v1"), key("n1"));
+        let n_keys = BTreeMap::from([(
+            "ed25519:n1".to_owned(),
+            Base64::new(n.public_key().to_vec()),
+        )]);
+        let now = 1_000_000;
+        let resp = signed_response("remote.example", &k, now + 1000);
+        let countersign = |value: &Value, by: &Ed25519KeyPair| {
+            let mut obj: CanonicalJsonObject = serde_json::from_value(value.clone()).unwrap();
+            sign_json("notary.example", by, &mut obj).unwrap();
+            serde_json::to_value(obj).unwrap()
+        };
+        let good = countersign(&resp, &n);
+        assert!(verify_notarised(origin, notary, &n_keys, &good, now).is_ok());
+        // Without the notary's signature, or with one by another key: refused.
+        assert!(verify_notarised(origin, notary, &n_keys, &resp, now).is_err());
+        let forged = countersign(&resp, &key("n1"));
+        assert!(verify_notarised(origin, notary, &n_keys, &forged, now).is_err());
+        // The notary cannot vouch for keys the origin did not sign.
+        let mut altered = resp.clone();
+        altered["valid_until_ts"] = json!(now + 5000);
+        let altered = countersign(&altered, &n);
+        assert!(verify_notarised(origin, notary, &n_keys, &altered, now).is_err());
     }
 }
