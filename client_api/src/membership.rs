@@ -11,6 +11,7 @@ use axum::{
 use myelin_core::{
     pdu::NewEvent,
     ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, ServerName, UserId},
+    server::JoinAuthorisation,
     token::SyncToken,
     Append, Error, ErrorKind, RoomInfo, Server,
 };
@@ -264,15 +265,21 @@ async fn do_join(
         // Joining again is a no-op (unless the profile changed, which the profile API handles).
         return Ok(Json(json!({ "room_id": room.room_id })));
     }
-    set_membership(
-        server,
-        room,
-        &auth.user_id,
-        &auth.user_id,
-        "join",
-        reason.as_deref(),
-    )
-    .await?;
+    let mut content = member_content(server, &auth.user_id, "join", reason.as_deref()).await?;
+    // A restricted room: one of our users who may invite vouches for the join.
+    if let JoinAuthorisation::By(by) = server.join_authorisation(room, &auth.user_id).await? {
+        content["join_authorised_via_users_server"] = json!(by);
+    }
+    server
+        .append(
+            room,
+            vec![Append {
+                sender: auth.user_id.clone(),
+                event: NewEvent::state("m.room.member", auth.user_id.as_str(), content)?,
+                txn: None,
+            }],
+        )
+        .await?;
     Ok(Json(json!({ "room_id": room.room_id })))
 }
 

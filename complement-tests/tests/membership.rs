@@ -1,7 +1,7 @@
-//! Room membership: join by room ID and by alias, invite, leave (and
-//! rejecting an invite), knock, forget, kick, ban and unban, plus the membership
-//! read endpoints `/joined_rooms`, `/rooms/{id}/members` (with `membership`,
-//! `not_membership` and `at`) and `/rooms/{id}/joined_members`.
+//! Room membership: join by room ID and by alias, invite, leave (and rejecting an invite),
+//! knock, restricted joins, forget, kick, ban and unban, plus the membership read endpoints
+//! `/joined_rooms`, `/rooms/{id}/members` (with `membership`, `not_membership` and `at`) and
+//! `/rooms/{id}/joined_members`.
 
 use complement_tests::{assert_error, backend_tests, enc, ok, Client, TestServer};
 use serde_json::{json, Value};
@@ -373,8 +373,46 @@ async fn knock_room(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A restricted room (join rule `restricted`, allowing members of a lobby room): a user in
+/// none of the allowed rooms is refused, a lobby member joins, and the join names the user of
+/// ours who may invite (`join_authorised_via_users_server`), as the auth rules require.
+async fn restricted_room(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "alice-password").await?;
+    let bob = server.register("bob", "bob-password").await?;
+    let lobby = alice.create_room(&json!({"preset": "public_chat"})).await?;
+    let inner = alice
+        .create_room(&json!({
+            "preset": "private_chat",
+            "initial_state": [{
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {
+                    "join_rule": "restricted",
+                    "allow": [{"type": "m.room_membership", "room_id": lobby}],
+                },
+            }],
+        }))
+        .await?;
+    let refused = bob
+        .post(&format!("/join/{}", enc(&inner)), &json!({}))
+        .await?;
+    assert_error(&refused, 403, "M_FORBIDDEN");
+    bob.join(&lobby).await?;
+    bob.join(&inner).await?;
+    let member = ok(alice
+        .get_state(&inner, "m.room.member", &bob.user_id)
+        .await?);
+    assert_eq!(member["membership"], "join");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        alice.user_id.as_str()
+    );
+    Ok(())
+}
+
 backend_tests!(
     knock_room,
+    restricted_room,
     join_invite_kick_ban,
     invite_only_room,
     leave_and_forget,

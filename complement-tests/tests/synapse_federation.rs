@@ -1,7 +1,8 @@
 //! Federation between Myelin and a real Synapse (1.163, on loopback with self-signed TLS):
 //! a Synapse user joins a Myelin-hosted room and a Myelin user joins a Synapse-hosted room;
 //! messages, state changes and membership changes (invites, kicks, bans, leaves) flow both
-//! ways, knocks included; and both servers agree on the room's current state.
+//! ways, knocks and restricted joins included, in every room version from 6 to 12; and both
+//! servers agree on the room's current state.
 
 use std::time::{Duration, Instant};
 
@@ -462,6 +463,55 @@ async fn knock_exchange(
     Ok(())
 }
 
+/// Restricted joins across servers (room versions 8+): the host has a public room and a
+/// room whose join rule lets in only members of it. The guest is refused until it has joined
+/// the public room; then its join through the host is authorised by the host's user (named in
+/// `join_authorised_via_users_server` and signed by the host's server) and both servers accept
+/// it.
+async fn restricted_exchange(s: &Sides, room_version: &str) -> anyhow::Result<()> {
+    let (host, guest, guest_id) = (&s.host, &s.guest, &s.guest_id);
+    let lobby = host
+        .create_room(&json!({"preset": "public_chat", "room_version": room_version}))
+        .await?;
+    let inner = host
+        .create_room(&json!({
+            "preset": "private_chat",
+            "room_version": room_version,
+            "name": "Members of the lobby only",
+            "initial_state": [{
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {
+                    "join_rule": "restricted",
+                    "allow": [{"type": "m.room_membership", "room_id": lobby}],
+                },
+            }],
+        }))
+        .await?;
+    let r = join_via(guest, &inner, &s.host_name).await?;
+    anyhow::ensure!(r["status"] == 403, "joining before being in the lobby: {r}");
+    let r = join_via(guest, &lobby, &s.host_name).await?;
+    anyhow::ensure!(r["status"] == 200, "joining the lobby: {r}");
+    wait_membership(host, &lobby, guest_id, "join").await?;
+    let r = join_via(guest, &inner, &s.host_name).await?;
+    anyhow::ensure!(r["status"] == 200, "joining the restricted room: {r}");
+    wait_state(host, &inner, "m.room.member", guest_id, |c| {
+        c["membership"] == "join" && c["join_authorised_via_users_server"] == s.host_id.as_str()
+    })
+    .await?;
+    guest.send_message(&inner, "let in by the lobby").await?;
+    wait_for_message(host, &inner, "let in by the lobby").await?;
+    host.send_message(&inner, "welcome").await?;
+    wait_for_message(guest, &inner, "welcome").await?;
+    same_state(host, guest, &inner).await?;
+    Ok(())
+}
+
+/// Whether `version` (a numeric room version) is `min` or later.
+fn room_version_at_least(version: &str, min: u32) -> bool {
+    version.parse::<u32>().is_ok_and(|v| v >= min)
+}
+
 async fn start_pair(backend: Backend) -> anyhow::Result<(TestServer, Synapse)> {
     let env = [("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")];
     let (myelin, synapse) = tokio::try_join!(
@@ -513,7 +563,12 @@ async fn synapse_joins_myelin_room(backend: Backend, room_version: &str) -> anyh
             guest_id: synapse.user_id("bob"),
             guest_name: synapse.server_name().to_owned(),
         };
-        knock_exchange(&sides, "knock-on-myelin", room_version, true).await?;
+        if room_version_at_least(room_version, 8) {
+            restricted_exchange(&sides, room_version).await?;
+        }
+        if room_version_at_least(room_version, 7) {
+            knock_exchange(&sides, "knock-on-myelin", room_version, true).await?;
+        }
         exchange(sides, "hosted-by-myelin", room_version).await
     };
     with_logs("synapse-joins-myelin", &myelin, &synapse, body).await
@@ -531,7 +586,12 @@ async fn myelin_joins_synapse_room(backend: Backend, room_version: &str) -> anyh
             guest_id: myelin.user_id("dave"),
             guest_name: myelin.server_name().to_owned(),
         };
-        knock_exchange(&sides, "knock-on-synapse", room_version, false).await?;
+        if room_version_at_least(room_version, 8) {
+            restricted_exchange(&sides, room_version).await?;
+        }
+        if room_version_at_least(room_version, 7) {
+            knock_exchange(&sides, "knock-on-synapse", room_version, false).await?;
+        }
         exchange(sides, "hosted-by-synapse", room_version).await
     };
     with_logs("myelin-joins-synapse", &myelin, &synapse, body).await
@@ -638,6 +698,12 @@ interop_tests! {
     myelin_user_joins_synapse_room_v10_sqlite: myelin_joins_synapse_room(Sqlite, "10");
     synapse_user_joins_myelin_room_v11_sqlite: synapse_joins_myelin_room(Sqlite, "11");
     myelin_user_joins_synapse_room_v11_sqlite: myelin_joins_synapse_room(Sqlite, "11");
+    // Older versions, one direction each: v6 (no knocks), v7 (knocks), v8 and v9 (restricted
+    // joins; v9 keeps `join_authorised_via_users_server` through redaction).
+    myelin_user_joins_synapse_room_v6_sqlite: myelin_joins_synapse_room(Sqlite, "6");
+    synapse_user_joins_myelin_room_v7_sqlite: synapse_joins_myelin_room(Sqlite, "7");
+    myelin_user_joins_synapse_room_v8_sqlite: myelin_joins_synapse_room(Sqlite, "8");
+    synapse_user_joins_myelin_room_v9_sqlite: synapse_joins_myelin_room(Sqlite, "9");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     Forbidden,
-    UnknownToken { soft_logout: bool },
+    UnknownToken {
+        soft_logout: bool,
+    },
     MissingToken,
     BadJson,
     NotJson,
@@ -30,6 +32,10 @@ pub enum ErrorKind {
     MissingParam,
     Unauthorized,
     IncompatibleRoomVersion,
+    /// A restricted join that this server cannot judge (it is in none of the allowed rooms).
+    UnableToAuthoriseJoin,
+    /// A restricted join the user qualifies for, but no user of ours may invite.
+    UnableToGrantJoin,
 }
 
 impl ErrorKind {
@@ -59,6 +65,8 @@ impl ErrorKind {
             MissingParam => "M_MISSING_PARAM",
             Unauthorized => "M_UNAUTHORIZED",
             IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
+            UnableToAuthoriseJoin => "M_UNABLE_TO_AUTHORISE_JOIN",
+            UnableToGrantJoin => "M_UNABLE_TO_GRANT_JOIN",
         }
     }
 

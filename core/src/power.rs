@@ -1,6 +1,7 @@
 //! Power levels as the room's state defines them (`m.room.power_levels`, and in room v12 the
 //! creators' unlimited power), for the checks the server makes itself beyond the auth rules
-//! (who may redact others' events, who may send which event types).
+//! (who may redact others' events, who may send which event types, who may authorise
+//! restricted joins).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,7 @@ struct Content {
     events_default: Option<serde_json::Value>,
     state_default: Option<serde_json::Value>,
     redact: Option<serde_json::Value>,
+    invite: Option<serde_json::Value>,
 }
 
 fn int(v: &Option<serde_json::Value>, default: i64) -> i64 {
@@ -95,6 +97,11 @@ impl PowerLevels {
 
     pub fn can_redact(&self, user: &UserId) -> bool {
         self.at_least(user, int(&self.content.redact, 50))
+    }
+
+    /// Whether `user` may invite others (the `invite` level, 0 by default).
+    pub fn can_invite(&self, user: &UserId) -> bool {
+        self.at_least(user, int(&self.content.invite, 0))
     }
 
     /// Whether `user` may send an event of this type (state or not).

@@ -26,7 +26,9 @@ use serde_json::value::RawValue;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod remote;
+mod restricted;
 pub use remote::{pdu_from_federation, redacted_pdu, Ingested};
+pub use restricted::JoinAuthorisation;
 
 use crate::{
     config::Config,

@@ -14,10 +14,10 @@ use axum::{
 use myelin_core::{
     pdu::SUPPORTED_ROOM_VERSIONS,
     ruma::{
-        canonical_json::CanonicalJsonObject, signatures::sign_json, OwnedEventId, OwnedRoomId,
-        OwnedUserId, RoomVersionId, ServerName,
+        canonical_json::CanonicalJsonObject, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId,
+        ServerName,
     },
-    server::Ingested,
+    server::{Ingested, JoinAuthorisation},
     Error, ErrorKind, RoomInfo, Server, StoredEvent,
 };
 use serde::Deserialize;
@@ -336,11 +336,59 @@ async fn accept_membership(
     }
 }
 
+/// A join of a restricted room that names one of our users in
+/// `join_authorised_via_users_server` needs our signature: given (on the body, before the
+/// event is verified) only when the joining user still qualifies under the join rule.
+async fn authorise_restricted_join(
+    st: &FedState,
+    signed: &mut Signed,
+    room_id: &str,
+) -> FedResult<()> {
+    let server = &fed(st).server;
+    let Some(body) = signed.body.as_mut() else {
+        return Ok(());
+    };
+    let named = body
+        .get("content")
+        .and_then(|c| c.get("join_authorised_via_users_server"))
+        .and_then(Value::as_str)
+        .and_then(|u| OwnedUserId::try_from(u).ok());
+    let Some(named) = named else {
+        return Ok(());
+    };
+    if named.server_name() != server.server_name() {
+        return Ok(()); // Another resident server vouches; its signature is its own business.
+    }
+    let room = known_room(server, room_id.to_owned()).await?;
+    let sender = body
+        .get("sender")
+        .and_then(Value::as_str)
+        .and_then(|u| OwnedUserId::try_from(u).ok())
+        .ok_or_else(|| Error::bad_json("join without a valid sender"))?;
+    match server.join_authorisation(&room, &sender).await? {
+        JoinAuthorisation::By(_) => {}
+        JoinAuthorisation::NotNeeded => {
+            return Err(Error::bad_json(
+                "join_authorised_via_users_server is set but the join needs no authorisation",
+            )
+            .into())
+        }
+    }
+    let mut obj = match myelin_core::ruma::CanonicalJsonValue::try_from(body.clone()) {
+        Ok(myelin_core::ruma::CanonicalJsonValue::Object(o)) => o,
+        _ => return Err(Error::bad_json("event is not canonical JSON").into()),
+    };
+    myelin_core::pdu::countersign(&mut obj, server.server_name(), &server.key, &room.rules)?;
+    *body = serde_json::to_value(&obj)?;
+    Ok(())
+}
+
 async fn send_join(
     State(st): State<FedState>,
     Path((room_id, event_id)): Path<(String, String)>,
-    signed: Signed,
+    mut signed: Signed,
 ) -> FedResult<Json<Value>> {
+    authorise_restricted_join(&st, &mut signed, &room_id).await?;
     let (room, ev) = accept_membership(&st, &signed, room_id, event_id, "join").await?;
     let server = &fed(&st).server;
     let state_group = ev
@@ -447,8 +495,7 @@ async fn invite(
     }
     // Countersign the invite.
     let mut obj: CanonicalJsonObject = serde_json::from_str(pdu.json.get())?;
-    sign_json(server.server_name(), &server.key.pair, &mut obj)
-        .map_err(|e| Error::internal(format!("signing: {e}")))?;
+    myelin_core::pdu::countersign(&mut obj, server.server_name(), &server.key, &probe.rules)?;
     let signed_pdu = myelin_core::server::pdu_from_federation(&obj, &version)?;
     let stripped = b
         .get("invite_room_state")

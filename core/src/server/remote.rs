@@ -987,19 +987,25 @@ impl Server {
     }
 
     /// The fields of an event another server will complete and sign (`make_join` and
-    /// friends): prev_events, auth_events and depth from the current state. Checked against
-    /// the auth rules first, so a refusal comes back at once.
+    /// friends): prev_events, auth_events and depth from the current state; a join of a
+    /// restricted room names the user of ours who authorises it. Checked against the auth
+    /// rules first, so a refusal comes back at once.
     pub async fn membership_template(
         &self,
         room: &Arc<RoomInfo>,
         user: &UserId,
         membership: &str,
     ) -> Result<serde_json::Value> {
+        let mut content = serde_json::json!({ "membership": membership });
+        if membership == "join" {
+            if let super::JoinAuthorisation::By(by) = self.join_authorisation(room, user).await? {
+                content["join_authorised_via_users_server"] = serde_json::json!(by);
+            }
+        }
         let lock = self.head_lock(room.nid);
         let mut guard = lock.lock().await;
         let head = self.load_head(room, &mut guard).await?.clone();
         drop(guard);
-        let content = serde_json::json!({ "membership": membership });
         let raw = serde_json::value::to_raw_value(&content)?;
         let auth_types = ruma::state_res::auth_types_for_event(
             &TimelineEventType::RoomMember,
