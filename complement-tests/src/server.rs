@@ -99,7 +99,7 @@ impl TestServer {
         backend: Backend,
         overrides: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
-        Self::start_retrying(backend, false, overrides).await
+        Self::start_retrying(backend, None, overrides).await
     }
 
     /// Starts a fresh server on `backend` that federates: a plain HTTP
@@ -113,18 +113,30 @@ impl TestServer {
         backend: Backend,
         overrides: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
-        Self::start_retrying(backend, true, overrides).await
+        Self::start_retrying(backend, Some("127.0.0.1"), overrides).await
+    }
+
+    /// Like [`start_federating`](TestServer::start_federating), but named
+    /// `<host>:<federation port>` (e.g. `localhost`, which also resolves to
+    /// loopback): for tests that need servers whose host parts differ, such
+    /// as server ACLs, which match host names without ports.
+    pub async fn start_federating_as(
+        backend: Backend,
+        host: &str,
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
+        Self::start_retrying(backend, Some(host), overrides).await
     }
 
     async fn start_retrying(
         backend: Backend,
-        federating: bool,
+        federation_host: Option<&str>,
         overrides: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
         let binary = myelin_binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&binary, backend, federating, overrides).await {
+            match Self::start_once(&binary, backend, federation_host, overrides).await {
                 Ok(server) => return Ok(server),
                 Err(StartError::Fatal(err)) => return Err(err),
                 Err(StartError::ExitedEarly(err)) => last_error = Some(err),
@@ -136,7 +148,7 @@ impl TestServer {
     async fn start_once(
         binary: &Path,
         backend: Backend,
-        federating: bool,
+        federation_host: Option<&str>,
         overrides: &[(&str, &str)],
     ) -> Result<TestServer, StartError> {
         let data_dir = tempfile::Builder::new()
@@ -145,14 +157,14 @@ impl TestServer {
             .context("creating the data directory")
             .map_err(StartError::Fatal)?;
         let port = free_port().map_err(StartError::Fatal)?;
-        let federation_port = if federating {
+        let federation_port = if federation_host.is_some() {
             Some(free_port_other_than(port).map_err(StartError::Fatal)?)
         } else {
             None
         };
-        let server_name = match federation_port {
-            Some(fed_port) => format!("127.0.0.1:{fed_port}"),
-            None => format!("localhost:{port}"),
+        let server_name = match (federation_host, federation_port) {
+            (Some(host), Some(fed_port)) => format!("{host}:{fed_port}"),
+            _ => format!("localhost:{port}"),
         };
         let federation_url =
             federation_port.map(|fed_port| format!("https://127.0.0.1:{fed_port}"));

@@ -1,8 +1,9 @@
 //! Bad input from a peer server. The test acts as server B (signing with B's own key, read from
 //! B's data directory) towards server A, which hosts a room B's user is in: unsigned, forged and
 //! misdirected requests, malformed bodies, oversized transactions, events with forged
-//! signatures, a wrong content hash, and an event that fails the auth rules. Each is refused as
-//! the spec says, nothing that should not be stored is visible, and A keeps serving.
+//! signatures, a wrong content hash, an event that fails the auth rules, and requests from a
+//! server the room's server ACL denies. Each is refused as the spec says, nothing that should
+//! not be stored is visible, and A keeps serving.
 
 use std::time::{Duration, Instant};
 
@@ -292,6 +293,100 @@ async fn bad_requests_and_events_are_refused() -> anyhow::Result<()> {
     assert!(!bodies.contains(&"tampered".to_owned()));
     assert!(!bodies.contains(&"let me in".to_owned()));
     ok(p.alice.get("/_matrix/client/versions").await?);
+    Ok(())
+}
+
+/// Server ACLs: once A's room denies B's host, B's requests about the room (room reads,
+/// membership handshakes) get 403 `M_FORBIDDEN` and B's PDUs are refused one by one, while a
+/// server on another host (C, named `localhost:<port>`) still joins and talks.
+#[tokio::test]
+async fn server_acl_denies_a_server() -> anyhow::Result<()> {
+    let p = setup().await?;
+    let bob_id = p.b.user_id("bob");
+    let state_ids = format!("/_matrix/federation/v1/state_ids/{}", enc(&p.room));
+    let latest = p
+        .alice
+        .messages(&p.room, &[("dir", "b"), ("limit", "1")])
+        .await?;
+    let latest_id = latest["chunk"][0]["event_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let state_ids = format!("{state_ids}?event_id={}", enc(&latest_id));
+    let (status, _) = p
+        .request(http::Method::GET, &state_ids, None, Some(&p.key.pair), None)
+        .await?;
+    assert_eq!(status, 200, "B may read the room before the ACL");
+
+    p.alice
+        .send_state(
+            &p.room,
+            "m.room.server_acl",
+            "",
+            &json!({"allow": ["*"], "deny": ["127.0.0.1"], "allow_ip_literals": true}),
+        )
+        .await?;
+    let (status, body) = p
+        .request(http::Method::GET, &state_ids, None, Some(&p.key.pair), None)
+        .await?;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "room reads: {body}"
+    );
+    let make_join = format!(
+        "/_matrix/federation/v1/make_join/{}/{}?ver=12",
+        enc(&p.room),
+        enc(&format!("@newcomer:{}", p.b.server_name()))
+    );
+    let (status, body) = p
+        .request(http::Method::GET, &make_join, None, Some(&p.key.pair), None)
+        .await?;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "make_join: {body}"
+    );
+    let denied = p.message(&bob_id, "from a denied server", &p.key).await?;
+    let denied_id = event_id_in(&p, &denied).await?;
+    let (status, body) = p.send_txn("acl", vec![denied]).await?;
+    assert_eq!(status, 200);
+    assert!(
+        body["pdus"][&denied_id]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ACL")),
+        "a PDU from a denied server is refused: {body}"
+    );
+    let r = p
+        .alice
+        .get(&format!(
+            "/rooms/{}/event/{}",
+            enc(&p.room),
+            enc(&denied_id)
+        ))
+        .await?;
+    assert_eq!(r.status, 404, "the refused PDU is not stored: {:?}", r.body);
+
+    // Another host is not affected.
+    let c = TestServer::start_federating_as(Backend::Sqlite, "localhost", &[]).await?;
+    let carol = c.register("carol", "carol-password").await?;
+    carol.join(&format!("#bad:{}", p.a.server_name())).await?;
+    carol
+        .send_message(&p.room, "from an allowed server")
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p
+        .timeline_bodies()
+        .await?
+        .contains(&"from an allowed server".to_owned())
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "C's message never reached A:\n{}",
+            c.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use ruma::{
 use serde_json::value::RawValue;
 use tokio::sync::Mutex as AsyncMutex;
 
+mod acl;
 mod remote;
 mod restricted;
 pub use remote::{pdu_from_federation, redacted_pdu, Ingested};

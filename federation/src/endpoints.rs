@@ -76,8 +76,20 @@ async fn known_room(server: &Server, room_id: String) -> FedResult<Arc<RoomInfo>
     Ok(server.room_or_404(&room_id).await?)
 }
 
-/// Refuses servers without a member in the room (joined, invited or knocking).
+/// Refuses servers the room's server ACL denies (403 `M_FORBIDDEN`, as the spec requires for
+/// every membership handshake and room read).
+async fn require_acl(server: &Server, room: &RoomInfo, origin: &ServerName) -> FedResult<()> {
+    if server.server_acl_allows(room, origin).await? {
+        Ok(())
+    } else {
+        Err(Error::forbidden("Your server is denied by the room's server ACL").into())
+    }
+}
+
+/// Refuses servers without a member in the room (joined, invited or knocking), and servers the
+/// room's server ACL denies.
 async fn require_in_room(server: &Server, room: &RoomInfo, origin: &ServerName) -> FedResult<()> {
+    require_acl(server, room, origin).await?;
     let members = server.members(room.nid).await?;
     let suffix = format!(":{origin}");
     if members
@@ -148,7 +160,8 @@ async fn send_transaction(
         }
     }
     // EDUs (typing, receipts, presence, device lists, to-device) are accepted and dropped
-    // until the features they belong to exist.
+    // until the features they belong to exist. Room EDUs (typing, receipts) must then pass
+    // `Server::server_acl_allows` for their room, as PDUs do.
     let response = json!({ "pdus": results });
     server
         .store
@@ -177,6 +190,11 @@ async fn receive_pdu(
         Ok(true) => {}
         _ => return (None, Err("this server is not in the room".into())),
     }
+    let denied = !fed
+        .server
+        .server_acl_allows(&room, origin)
+        .await
+        .unwrap_or(false);
     // The event ID first, so a refusal can name the event.
     let id = myelin_core::ruma::CanonicalJsonValue::try_from(value.clone())
         .ok()
@@ -186,6 +204,12 @@ async fn receive_pdu(
         })
         .and_then(|o| myelin_core::server::pdu_from_federation(&o, &room.version).ok())
         .map(|p| p.event_id.to_string());
+    if denied {
+        return (
+            id,
+            Err("your server is denied by the room's server ACL".into()),
+        );
+    }
     let pdu = match fed.verify_pdu(&room, value).await {
         Ok(p) => p,
         Err(e) => return (id, Err(e.message())),
@@ -225,6 +249,7 @@ async fn template(
     let user: OwnedUserId = parse(user_id, "user ID")?;
     require_own_user(&user, &signed.origin)?;
     let room = known_room(server, room_id).await?;
+    require_acl(server, &room, &signed.origin).await?;
     if let Some(versions) = versions {
         let supported = if versions.is_empty() {
             vec!["1".to_owned()]
@@ -298,6 +323,7 @@ async fn accept_membership(
 ) -> FedResult<(Arc<RoomInfo>, Arc<StoredEvent>)> {
     let fed = fed(st);
     let room = known_room(&fed.server, room_id).await?;
+    require_acl(&fed.server, &room, &signed.origin).await?;
     let value = signed
         .body
         .clone()
@@ -462,6 +488,11 @@ async fn invite(
         .get("event")
         .ok_or_else(|| Error::bad_json("event is required"))?;
     let room_id: OwnedRoomId = parse(room_id, "room ID")?;
+    if let Some(known) = server.room(&room_id).await? {
+        if server.has_state(&known).await? {
+            require_acl(server, &known, &signed.origin).await?;
+        }
+    }
     let rules = myelin_core::pdu::rules_for(&version)?;
     let probe = RoomInfo {
         nid: 0,
