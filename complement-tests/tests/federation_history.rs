@@ -274,6 +274,21 @@ async fn backfill_to_the_start(a: TestServer, b: TestServer) -> anyhow::Result<(
             "sync after backfill shows {timeline:?}"
         );
     }
+    // A first backfill that stops just after the create event (B pages 10 at a time and
+    // asks for 20 events; this room has 21 before the join), which B holds only as an
+    // outlier: the next round brings it into the timeline too.
+    let edge = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "edge"}))
+        .await?;
+    let before = history(&alice, &edge, None, 50).await?.len();
+    for i in before..21 {
+        alice.send_message(&edge, &format!("edge {i}")).await?;
+    }
+    bob.join(&format!("#edge:{}", a.server_name())).await?;
+    let edge_on_a = ids(&history(&alice, &edge, None, 50).await?);
+    assert_eq!(edge_on_a.len(), 22);
+    assert_eq!(ids(&history(&bob, &edge, None, 10).await?), edge_on_a);
+
     // A new message still arrives as news.
     let news = alice.send_message(&room, "news").await?;
     bob.sync_until(Some(&since), None, WAIT, |s| {

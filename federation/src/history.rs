@@ -22,7 +22,7 @@ use std::{
 use futures::StreamExt;
 use myelin_core::{
     pdu::Pdu,
-    ruma::{OwnedEventId, OwnedServerName, ServerName},
+    ruma::{events::TimelineEventType, OwnedEventId, OwnedServerName, ServerName},
     server::Ingested,
     state::StateMap,
     Error, Result, RoomInfo,
@@ -256,13 +256,29 @@ impl Federation {
 
     /// The state after `prev`, an event we lack, as `origin` reports it: `/state_ids` at it,
     /// `prev` itself and the events the state and its auth chain name that we lack (by `/event`,
-    /// or `/state` when many are missing), each verified and stored as an outlier.
+    /// or `/state` when many are missing), each verified and stored as an outlier. After the
+    /// create event the state is the create event alone: nothing is asked.
     pub(crate) async fn state_after_missing(
         &self,
         origin: &ServerName,
         room: &RoomInfo,
         prev: &OwnedEventId,
     ) -> Result<Arc<StateMap>> {
+        let held = self.server.event_by_id(prev).await?;
+        let is_create =
+            |p: &Pdu| p.kind == TimelineEventType::RoomCreate && p.room_id == room.room_id;
+        if held.as_ref().is_some_and(|e| is_create(&e.pdu)) {
+            return self.server.state_after_remote(room, prev, &[]).await;
+        }
+        let mut fetched = Vec::new();
+        if held.is_none() {
+            let p = self.fetch_event(origin, room, prev.clone()).await?;
+            if is_create(&p) {
+                self.server.store_outliers(room, vec![p]).await?;
+                return self.server.state_after_remote(room, prev, &[]).await;
+            }
+            fetched.push(p);
+        }
         let room_path = encode(room.room_id.as_str());
         let at = encode(prev.as_str());
         let ids = self
@@ -287,11 +303,8 @@ impl Federation {
         let state_ids = list("pdu_ids");
         let mut wanted = state_ids.clone();
         wanted.extend(list("auth_chain_ids"));
-        let mut fetched = Vec::new();
-        if self.server.event_by_id(prev).await?.is_none() {
-            let p = self.fetch_event(origin, room, prev.clone()).await?;
+        for p in &fetched {
             wanted.extend(p.auth_events.iter().cloned());
-            fetched.push(p);
         }
         wanted.sort();
         wanted.dedup();
