@@ -1,17 +1,19 @@
 //! Room events (spec § "Events", "Redactions", "Syncing" pagination): send with txn-ID
-//! idempotency, state get/put, single event lookup, `/messages` in both directions, `/context`
-//! and `redact`. History visibility filters everything a caller reads.
+//! idempotency, state get/put, single event lookup, `/messages` in both directions (going
+//! backwards past a backward extremity, other servers are asked for the history first),
+//! `/context` and `redact`. History visibility filters everything a caller reads.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{Path, Query, State},
-    Json,
+    Extension, Json,
 };
 use myelin_core::{
     filter::EventFilter, pdu::NewEvent, ruma::OwnedEventId, token::PageToken, Append, Error,
     ErrorKind, RoomInfo, Server, StoredEvent,
 };
+use myelin_federation::{history::BACKFILL_MAX, Federation};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -283,8 +285,16 @@ async fn check_can_read(
     Ok(m)
 }
 
+/// Time one `/messages` request may spend backfilling.
+const BACKFILL_BUDGET: Duration = Duration::from_secs(8);
+/// Backfills one `/messages` request may make.
+const BACKFILL_ROUNDS: usize = 4;
+/// Backward extremities asked for in one backfill.
+const BACKFILL_FROM: usize = 10;
+
 pub async fn messages(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     auth: Auth,
     Path(room_id): Path<String>,
     Query(q): Query<MessagesQuery>,
@@ -329,14 +339,39 @@ pub async fn messages(
     let mut chunk: Vec<Arc<StoredEvent>> = Vec::new();
     let (mut cur_depth, mut cur_stream) = (depth, stream);
     let mut exhausted = false;
+    // Going backwards, nothing older than a backward extremity is read before other servers
+    // were asked for the history there: within a budget, and a gap that nobody could fill is
+    // passed over (those at `passed` depth or above).
+    let deadline = tokio::time::Instant::now() + BACKFILL_BUDGET;
+    let mut rounds = 0;
+    let mut passed = i64::MAX;
     // Read pages until `limit` visible, filtered events are found or the room runs out.
     while (chunk.len() as i64) < limit {
         let want = (limit - chunk.len() as i64).max(1) * 2;
-        let rows = server
+        let gap = if backwards {
+            let below = cur_depth.min(passed.saturating_sub(1));
+            server
+                .backward_extremities(room.nid, below, BACKFILL_FROM)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let mut rows = server
             .store
             .room_events_topological(room.nid, cur_depth, cur_stream, backwards, stream_max, want)
             .await?;
         let got = rows.len() as i64;
+        // The deepest gap below the position read from: rows past it wait for the backfill.
+        let gap_depth = gap.first().map(|(_, d)| *d);
+        let mut at_gap = false;
+        if let Some(d) = gap_depth {
+            if let Some(i) = rows.iter().position(|r| r.depth < d) {
+                rows.truncate(i);
+                at_gap = true;
+            } else if got < want {
+                at_gap = true;
+            }
+        }
         let events = server.events_from_rows(rows).await?;
         if let Some(last) = events.last() {
             cur_depth = last.depth;
@@ -370,7 +405,41 @@ pub async fn messages(
                 }
             }
         }
-        if stop || got < want {
+        if stop {
+            exhausted = true;
+            break;
+        }
+        if let (true, Some(d)) = (at_gap, gap_depth) {
+            if chunk.len() as i64 >= limit {
+                break;
+            }
+            if rounds == BACKFILL_ROUNDS || tokio::time::Instant::now() >= deadline {
+                // Out of budget: the next page starts here and backfills again.
+                break;
+            }
+            rounds += 1;
+            let from: Vec<OwnedEventId> = gap
+                .iter()
+                .filter(|(_, gd)| *gd == d)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let count = ((limit - chunk.len() as i64) * 2).clamp(20, BACKFILL_MAX as i64) as usize;
+            // (Cut off at the deadline, a backfill keeps what it stored: each event is
+            // written whole or not at all.)
+            let backfill = fed.backfill(&room, &from, count, deadline);
+            match tokio::time::timeout_at(deadline, backfill).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => passed = d,
+                Ok(Err(e)) => {
+                    tracing::warn!(room = %room.room_id, error = %e, "backfill failed");
+                    passed = d;
+                }
+                // Out of time: the next page starts here and backfills again.
+                Err(_) => break,
+            }
+            continue;
+        }
+        if got < want {
             exhausted = true;
             break;
         }

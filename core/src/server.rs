@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod acl;
+mod history;
 mod remote;
 mod restricted;
 pub use remote::{pdu_from_federation, redacted_pdu, Ingested};
@@ -140,6 +141,8 @@ pub struct Server {
     next_event_nid: AtomicI64,
     next_state_group: AtomicI64,
     next_room_nid: AtomicI64,
+    /// The next historical (backfilled) event's stream position: negative, counting down.
+    next_historical: AtomicI64,
     last_create_ts: AtomicI64,
     rooms: RwLock<HashMap<i64, Arc<RoomInfo>>>,
     room_nids: RwLock<HashMap<OwnedRoomId, i64>>,
@@ -189,6 +192,7 @@ impl Server {
         let max_ad = store.max_account_data_stream().await?;
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
+        let min_stream = store.min_stream_ordering().await?;
         let server = Arc::new(Server {
             config,
             server_name,
@@ -201,6 +205,7 @@ impl Server {
             next_event_nid: AtomicI64::new(max_event + 1),
             next_state_group: AtomicI64::new(max_group + 1),
             next_room_nid: AtomicI64::new(max_room + 1),
+            next_historical: AtomicI64::new(min_stream - 1),
             last_create_ts: AtomicI64::new(0),
             rooms: RwLock::default(),
             room_nids: RwLock::default(),
@@ -1005,6 +1010,8 @@ impl Server {
             }
         }
         write.extra_groups = extras.extra_groups;
+        write.backward_add = extras.backward_add;
+        write.backward_remove = extras.backward_remove;
         let member_override = extras.current.as_ref().map(|c| {
             c.memberships
                 .iter()
@@ -1306,6 +1313,10 @@ pub(crate) struct Extras {
     current: Option<crate::store::CurrentWrite>,
     /// The server whose event we relay to the room as its resident (send_join and friends).
     relay_from: Option<String>,
+    /// Parents the events name that the timeline does not hold: `(event ID, depth)`.
+    backward_add: Vec<(String, i64)>,
+    /// Backward extremities the events are.
+    backward_remove: Vec<String>,
 }
 
 /// Destinations whose outbox has new rows, for the federation sender.

@@ -147,7 +147,7 @@ async fn events_persist_and_survive_a_restart(kind: &str) {
     };
     // A second start on the same data: migrations are a no-op, positions continue.
     let server = Server::open(b.config()).await.unwrap();
-    assert_eq!(server.store.schema_version().await.unwrap(), 3); // highest migration
+    assert_eq!(server.store.schema_version().await.unwrap(), 4); // highest migration
     assert_eq!(server.events_stream.current(), last_pos);
     let room = server.room_or_404(&room_id).await.unwrap();
     let stored = server
@@ -397,6 +397,119 @@ async fn sync_from_memory_equals_sync_from_database(kind: &str) {
     b.finish().await;
 }
 
+/// A historical event (as backfill writes it) is in the timeline `/messages` reads but not in
+/// what `/sync` reads, never the state at a stream position; backward extremities keep the
+/// deepest depth they are named at and go when the event arrives.
+async fn historical_events_stay_out_of_sync(kind: &str) {
+    use myelin_core::store::{EventWrite, HistoricalWrite};
+    let b = Backend::new(kind).await;
+    let alice = uid("alice");
+    let server = Server::open(b.config()).await.unwrap();
+    let room = new_room(&server, &alice).await;
+    let live = server
+        .append(&room, vec![msg(&alice, "live")])
+        .await
+        .unwrap();
+    let now = server.events_stream.current();
+    let group = live[0].state_after.unwrap();
+    let historical =
+        |nid: i64, id: &str, position: i64, depth: i64, gaps: Vec<(&str, i64)>| HistoricalWrite {
+            room_nid: room.nid,
+            event: EventWrite {
+                event_nid: nid,
+                event_id: id.to_owned(),
+                event_type: "m.room.message".to_owned(),
+                state_key: None,
+                sender: alice.to_string(),
+                depth,
+                origin_server_ts: 0,
+                stream_ordering: position,
+                json: "{}".to_owned(),
+                state_before: group,
+                state_after: group,
+                new_group: None,
+                membership: None,
+                txn: None,
+            },
+            promote: false,
+            groups: vec![],
+            backward_add: gaps.into_iter().map(|(g, d)| (g.to_owned(), d)).collect(),
+        };
+    let store = &server.store;
+    store
+        .write_historical(&historical(
+            90_001,
+            "$old",
+            -1,
+            3,
+            vec![("$gap", 1), ("$gap", 3)],
+        ))
+        .await
+        .unwrap();
+    store
+        .write_historical(&historical(90_002, "$older", -2, 2, vec![("$gap", 2)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.backward_extremities(room.nid, 100, 10).await.unwrap(),
+        vec![("$gap".to_owned(), 3)]
+    );
+    assert!(store
+        .backward_extremities(room.nid, 2, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let timeline: Vec<String> = store
+        .room_events_topological(room.nid, i64::MAX, now, true, now, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(timeline.len(), 7, "{timeline:?}");
+    assert_eq!(timeline[0], live[0].pdu.event_id.as_str());
+    // Depth 3 ("$old") sits with the room's depth-3 event, below it by position.
+    assert!(
+        timeline.iter().position(|i| i == "$old") < timeline.iter().position(|i| i == "$older")
+    );
+    let synced: Vec<String> = store
+        .room_events_stream_desc(room.nid, 0, now, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(synced.len(), 5);
+    assert!(!synced.iter().any(|i| i.starts_with("$old")));
+    assert_eq!(
+        store.state_group_at(room.nid, now).await.unwrap(),
+        Some(group)
+    );
+    assert_eq!(store.min_stream_ordering().await.unwrap(), -2);
+    // The missing event arrives: the gap closes.
+    store
+        .write_historical(&historical(90_003, "$gap", -3, 1, vec![]))
+        .await
+        .unwrap();
+    assert!(store
+        .backward_extremities(room.nid, 100, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The same event twice is refused whole.
+    assert!(store
+        .write_historical(&historical(90_004, "$gap", -4, 1, vec![("$x", 1)]))
+        .await
+        .is_err());
+    assert!(store
+        .backward_extremities(room.nid, 100, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    server.store.close().await;
+    b.finish().await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod sqlite {
@@ -415,5 +528,6 @@ both_backends!(
     redaction_rewrites_stored_content,
     a_failed_commit_discards_the_head,
     concurrent_sends_stay_linear,
-    sync_from_memory_equals_sync_from_database
+    sync_from_memory_equals_sync_from_database,
+    historical_events_stay_out_of_sync
 );

@@ -591,9 +591,14 @@ async fn state_at(
     let group = ev
         .state_before
         .ok_or_else(|| Error::not_found("The state at this event is not known"))?;
-    let state = server
-        .state_events(&*server.state_map(group).await?)
-        .await?;
+    // Group 0 is the empty state before a room's create event; it has no stored snapshot.
+    let state = if group == 0 {
+        Vec::new()
+    } else {
+        server
+            .state_events(&*server.state_map(group).await?)
+            .await?
+    };
     let ids: Vec<OwnedEventId> = state.iter().map(|e| e.pdu.event_id.clone()).collect();
     let chain = server.auth_chain(&ids).await?;
     Ok((state, chain))

@@ -1,9 +1,13 @@
 //! Events from other servers: signatures and content hash checked with the senders' keys (a
 //! hash mismatch keeps the redacted form), then handed to the core's three auth checks. What an
 //! event lacks is fetched from the server that sent it: auth events through `/event_auth`,
-//! parents through `/get_missing_events` (bounded), and the core is asked again.
+//! parents through `/get_missing_events` (bounded), and the core is asked again. When the
+//! parents fetched do not reach what we hold, the oldest of them (or else the event itself) is
+//! accepted over the gap: the state after its missing parents is asked for
+//! ([`Federation::state_after_missing`]) and the parents become backward extremities, which
+//! `/messages` later backfills.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use myelin_core::{
     pdu::{rules_for, Pdu},
@@ -13,14 +17,18 @@ use myelin_core::{
         OwnedEventId, OwnedServerName, ServerName,
     },
     server::{pdu_from_federation, redacted_pdu, Ingested},
+    state::StateMap,
     Error, Result, RoomInfo,
 };
 use serde_json::{json, Value};
 
 use crate::Federation;
 
-/// Parents fetched for one event at most (beyond that, the gap stays).
-const MAX_MISSING: usize = 50;
+/// Parents fetched for one event at most (beyond that, the gap is crossed by asking for the
+/// state at the missing parents).
+pub const MAX_MISSING: usize = 50;
+/// Events accepted over a gap while handling one incoming event (its fetched parents').
+const MAX_GAPS_PER_EVENT: usize = 3;
 
 impl Federation {
     /// Parses and verifies an event received from another server: format, the signatures
@@ -78,10 +86,16 @@ impl Federation {
         let relay_from = relay.then_some(origin);
         let mut fetched_auth = false;
         let mut fetched_prev = false;
+        let mut gap: Option<HashMap<OwnedEventId, Arc<StateMap>>> = None;
         loop {
             let outcome = self
                 .server
-                .ingest_pdu(room, pdu.clone(), relay_from)
+                .ingest_pdu_over_gap(
+                    room,
+                    pdu.clone(),
+                    relay_from,
+                    gap.as_ref().unwrap_or(&HashMap::new()),
+                )
                 .await?;
             let Ingested::Missing(missing) = outcome else {
                 return Ok(outcome);
@@ -93,14 +107,49 @@ impl Federation {
             } else if !auth_missing && !fetched_prev {
                 fetched_prev = true;
                 self.fetch_missing_parents(origin, room, &pdu).await?;
+            } else if !auth_missing && gap.is_none() {
+                match self.gap_states(origin, room, &missing).await {
+                    Some(states) => gap = Some(states),
+                    None => return Ok(Ingested::Missing(missing)),
+                }
             } else {
                 return Ok(Ingested::Missing(missing));
             }
         }
     }
 
+    /// The state after each of `missing` (parents of one event), as `origin` reports it;
+    /// `None` when there are too many or one cannot be had.
+    async fn gap_states(
+        &self,
+        origin: &ServerName,
+        room: &RoomInfo,
+        missing: &[OwnedEventId],
+    ) -> Option<HashMap<OwnedEventId, Arc<StateMap>>> {
+        if missing.len() > crate::history::MAX_GAP_PARENTS {
+            tracing::info!(
+                missing = missing.len(),
+                "too many missing parents to cross the gap"
+            );
+            return None;
+        }
+        let mut states = HashMap::new();
+        for prev in missing {
+            match self.state_after_missing(origin, room, prev).await {
+                Ok(s) => {
+                    states.insert(prev.clone(), s);
+                }
+                Err(e) => {
+                    tracing::info!(%prev, error = %e, "the state at a missing parent");
+                    return None;
+                }
+            }
+        }
+        Some(states)
+    }
+
     /// Stores the auth chain of an event as the sending server reports it.
-    async fn fetch_auth_chain(
+    pub(crate) async fn fetch_auth_chain(
         &self,
         origin: &ServerName,
         room: &RoomInfo,
@@ -164,10 +213,12 @@ impl Federation {
             .unwrap_or_default();
         let mut pdus = self.verify_pdus(room, &events).await;
         pdus.sort_by_key(|p| p.depth);
+        let mut gaps_left = MAX_GAPS_PER_EVENT;
         for p in pdus.into_iter().take(MAX_MISSING) {
             let id = p.event_id.clone();
-            // Each parent may lack its own auth events; its own parents should be in the list.
-            match Box::pin(self.handle_pdu_once(origin, room, p)).await {
+            // Each parent may lack its own auth events; its own parents should be in the list,
+            // or else it is the oldest of them and is accepted over the gap.
+            match Box::pin(self.handle_parent(origin, room, p, &mut gaps_left)).await {
                 Ok(outcome) => tracing::debug!(event = %id, ?outcome, "fetched parent"),
                 Err(e) => tracing::info!(event = %id, error = %e, "fetched parent failed"),
             }
@@ -175,21 +226,34 @@ impl Federation {
         Ok(())
     }
 
-    /// Like [`Federation::handle_pdu`], fetching auth events but not parents.
-    async fn handle_pdu_once(
+    /// Adds a parent fetched by `/get_missing_events`: fetching its auth events if needed,
+    /// and crossing the gap below it (while `gaps_left` allows) if its own parents are missing.
+    async fn handle_parent(
         &self,
         origin: &ServerName,
         room: &Arc<RoomInfo>,
         pdu: Pdu,
+        gaps_left: &mut usize,
     ) -> Result<Ingested> {
-        let outcome = self.server.ingest_pdu(room, pdu.clone(), None).await?;
-        match outcome {
-            Ingested::Missing(m) if m.iter().any(|x| pdu.auth_events.contains(x)) => {
+        let mut outcome = self.server.ingest_pdu(room, pdu.clone(), None).await?;
+        if let Ingested::Missing(m) = &outcome {
+            if m.iter().any(|x| pdu.auth_events.contains(x)) {
                 self.fetch_auth_chain(origin, room, &pdu.event_id).await?;
-                self.server.ingest_pdu(room, pdu, None).await
+                outcome = self.server.ingest_pdu(room, pdu.clone(), None).await?;
             }
-            other => Ok(other),
         }
+        if let Ingested::Missing(m) = &outcome {
+            if *gaps_left > 0 && !m.iter().any(|x| pdu.auth_events.contains(x)) {
+                *gaps_left -= 1;
+                if let Some(states) = self.gap_states(origin, room, m).await {
+                    outcome = self
+                        .server
+                        .ingest_pdu_over_gap(room, pdu, None, &states)
+                        .await?;
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     /// The rules of a room version we can take part in.

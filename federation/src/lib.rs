@@ -4,6 +4,7 @@
 //!   guard); [`keyring`]: other servers' keys; [`auth`]: inbound request signatures;
 //!   [`key_server`]: our keys and the notary.
 //! - [`inbound`]: checking events from other servers and fetching what they lack;
+//!   [`history`]: backfill and the state at events we lack;
 //!   [`endpoints`]: the `/_matrix/federation/*` handlers; [`sender`]: the durable outbox, one
 //!   queue per destination; [`outbound`]: what our users do in other servers' rooms (joins,
 //!   invites, leaves, directory and profile look-ups).
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod discovery;
 mod endpoints;
+pub mod history;
 pub mod inbound;
 pub mod key_server;
 pub mod keyring;
@@ -38,6 +40,8 @@ pub struct Federation {
     pub server: Arc<Server>,
     pub client: Arc<FederationClient>,
     pub keys: Arc<KeyRing>,
+    /// One backfill per room at a time (see [`history`]).
+    backfill_locks: std::sync::Mutex<std::collections::HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Federation {
@@ -48,6 +52,7 @@ impl Federation {
             server,
             client,
             keys,
+            backfill_locks: Default::default(),
         }))
     }
 }

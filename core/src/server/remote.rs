@@ -35,7 +35,7 @@ pub enum Ingested {
 }
 
 /// `(type, state_key) → event` for the auth rules.
-type AuthState = HashMap<(StateEventType, String), Arc<Pdu>>;
+pub(super) type AuthState = HashMap<(StateEventType, String), Arc<Pdu>>;
 
 /// Parses an event received from another server: checks its format for the room version and
 /// computes its event ID (the reference hash). Signatures and the content hash are checked by
@@ -68,7 +68,12 @@ pub fn redacted_pdu(pdu: &Pdu, rules: &RoomVersionRules) -> Result<Pdu> {
     Pdu::parse(pdu.event_id.clone(), pdu.room_id.clone(), json, true)
 }
 
-fn outlier_row(nid: i64, pdu: &Pdu, rejected: bool, stream_ordering: Option<i64>) -> OutlierWrite {
+pub(super) fn outlier_row(
+    nid: i64,
+    pdu: &Pdu,
+    rejected: bool,
+    stream_ordering: Option<i64>,
+) -> OutlierWrite {
     OutlierWrite {
         event_nid: nid,
         event_id: pdu.event_id.to_string(),
@@ -91,7 +96,11 @@ fn state_pair(pdu: &Pdu) -> Option<(StateEventType, String)> {
 
 /// Checks an event against the auth rules with the given state (the event's own auth events,
 /// the state before it, or the current state).
-fn check_auth(rules: &RoomVersionRules, pdu: &Pdu, state: &AuthState) -> Result<(), String> {
+pub(super) fn check_auth(
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    state: &AuthState,
+) -> Result<(), String> {
     let by_id: HashMap<&ruma::EventId, &Pdu> =
         state.values().map(|p| (&*p.event_id, &**p)).collect();
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
@@ -147,7 +156,7 @@ impl Server {
     }
 
     /// An event's auth events as auth state (with the room's create event), or the IDs missing.
-    async fn auth_events_of(
+    pub(super) async fn auth_events_of(
         &self,
         room: &RoomInfo,
         pdu: &Pdu,
@@ -196,7 +205,7 @@ impl Server {
     }
 
     /// The events of `state` the auth rules may consult for `pdu`.
-    async fn auth_state_from(
+    pub(super) async fn auth_state_from(
         &self,
         rules: &RoomVersionRules,
         state: &StateMap,
@@ -418,7 +427,11 @@ impl Server {
 
     /// A state group for `map`: a delta on `base` when `map` only adds to or changes it,
     /// otherwise a full snapshot.
-    fn group_for(&self, base: Option<(i64, &StateMap, i64)>, map: &StateMap) -> (GroupWrite, i64) {
+    pub(super) fn group_for(
+        &self,
+        base: Option<(i64, &StateMap, i64)>,
+        map: &StateMap,
+    ) -> (GroupWrite, i64) {
         let group = self.next_state_group.fetch_add(1, Ordering::Relaxed);
         if let Some((bg, bmap, chain)) = base {
             let removes = bmap.keys().any(|k| !map.contains_key(k));
@@ -499,7 +512,12 @@ impl Server {
     }
 
     /// Writes refused or soft-failed events outside the timeline.
-    async fn store_outside(&self, room: &RoomInfo, pdu: &Pdu, rejected: bool) -> Result<()> {
+    pub(super) async fn store_outside(
+        &self,
+        room: &RoomInfo,
+        pdu: &Pdu,
+        rejected: bool,
+    ) -> Result<()> {
         let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
         let write = RoomWrite {
             room_nid: room.nid,
@@ -517,6 +535,21 @@ impl Server {
         room: &Arc<RoomInfo>,
         pdu: Pdu,
         relay_from: Option<&ServerName>,
+    ) -> Result<Ingested> {
+        self.ingest_pdu_over_gap(room, pdu, relay_from, &HashMap::new())
+            .await
+    }
+
+    /// [`Server::ingest_pdu`] for an event whose parents are not all held: `gap` holds the
+    /// state after each missing parent as another server reported it (see
+    /// [`Server::state_after_remote`]). The state before the event is resolved over those
+    /// states and its held parents' states; the missing parents become backward extremities.
+    pub async fn ingest_pdu_over_gap(
+        &self,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+        relay_from: Option<&ServerName>,
+        gap: &HashMap<OwnedEventId, Arc<StateMap>>,
     ) -> Result<Ingested> {
         if pdu.room_id != room.room_id {
             return Err(Error::bad_json("event is for another room"));
@@ -537,20 +570,29 @@ impl Server {
             self.store_outside(room, &pdu, true).await?;
             return Ok(Ingested::Rejected(why));
         }
-        // Parents: each must be in the timeline (with a state after it).
+        // Parents: each must be in the timeline (with a state after it), or its state known
+        // from another server.
         let mut prevs = Vec::with_capacity(pdu.prev_events.len());
         let mut missing = Vec::new();
+        let mut gap_states = Vec::new();
+        let mut gap_ids = Vec::new();
         for id in &pdu.prev_events {
             match self.event_by_id(id).await? {
                 Some(e) if !e.outlier && e.state_after.is_some() => prevs.push(e),
                 Some(e) if e.rejected => {}
-                _ => missing.push(id.clone()),
+                _ => match gap.get(id) {
+                    Some(state) => {
+                        gap_states.push(state.clone());
+                        gap_ids.push((id.to_string(), pdu.depth));
+                    }
+                    None => missing.push(id.clone()),
+                },
             }
         }
         if !missing.is_empty() {
             return Ok(Ingested::Missing(missing));
         }
-        if prevs.is_empty() {
+        if prevs.is_empty() && gap_states.is_empty() {
             self.store_outside(room, &pdu, true).await?;
             return Ok(Ingested::Rejected("every parent was rejected".into()));
         }
@@ -573,8 +615,9 @@ impl Server {
         for g in &groups {
             before_maps.push(self.state_map(*g).await?);
         }
+        before_maps.extend(gap_states);
         let mut extra_groups = Vec::new();
-        let (before_group, before_map, before_chain) = if groups.len() == 1 {
+        let (before_group, before_map, before_chain) = if groups.len() == 1 && gap_ids.is_empty() {
             let (m, chain) = self.state.group(&self.store, groups[0]).await?;
             (groups[0], m, chain)
         } else {
@@ -715,6 +758,8 @@ impl Server {
             extra_groups,
             current: Some(current),
             relay_from: relay_from.map(|s| s.to_string()),
+            backward_add: gap_ids,
+            backward_remove: vec![pdu.event_id.to_string()],
         };
         let generation = head.generation;
         let done =
@@ -859,11 +904,21 @@ impl Server {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&room.nid);
+        // The history before the join is not held (or not all of it, on a rejoin): its
+        // parents are backward extremities, where `/messages` backfills from.
+        let mut backward_add = Vec::new();
+        for id in &built.pdu.prev_events {
+            if self.event_by_id(id).await?.is_none_or(|e| e.outlier) {
+                backward_add.push((id.to_string(), built.pdu.depth));
+            }
+        }
         let extras = Extras {
             servers: Arc::new(Vec::new()),
             extra_groups: vec![snapshot],
             current: Some(current),
             relay_from: None,
+            backward_add,
+            backward_remove: Vec::new(),
         };
         let generation = head.generation;
         let done =

@@ -95,10 +95,15 @@ pub struct RoomWrite {
     /// `(user, membership, event nid, stream position, stripped state JSON)` of an invite from
     /// another server (or its rejection through another server).
     pub remote_invite: Option<(String, String, i64, i64, String)>,
+    /// `(event ID, depth of the event naming it)`: parents these events name that the timeline
+    /// does not hold (see [`super::history`]).
+    pub backward_add: Vec<(String, i64)>,
+    /// Event IDs now held that were backward extremities.
+    pub backward_remove: Vec<String>,
 }
 
 /// A value bound into a multi-row statement.
-enum V {
+pub(super) enum V {
     I(i64),
     OI(Option<i64>),
     S(String),
@@ -118,7 +123,7 @@ const CURRENT_UPSERT: &str =
 const MAX_BINDS: usize = 30_000;
 
 /// `INSERT INTO … VALUES (…), (…) [suffix]`, chunked to the bind limit.
-async fn insert_rows(
+pub(super) async fn insert_rows(
     tx: &mut Transaction<'static, Any>,
     head: &str,
     cols: usize,
@@ -310,6 +315,10 @@ impl Store {
             "ON CONFLICT (event_id) DO NOTHING",
         )
         .await?;
+        for r in rooms {
+            super::history::write_backward(tx, r.room_nid, &r.backward_add, &r.backward_remove)
+                .await?;
+        }
         // Forward extremities: each room's set is replaced by the one computed in memory.
         let room_list = rooms
             .iter()

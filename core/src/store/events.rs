@@ -218,11 +218,12 @@ impl Store {
 }
 
 impl Store {
-    /// The state group after the room's last event at or below stream position `pos`.
+    /// The state group after the room's last event at or below stream position `pos`
+    /// (historical events, at negative positions, were never the state at a position).
     pub async fn state_group_at(&self, room_nid: i64, pos: i64) -> Result<Option<i64>> {
         Ok(sqlx::query_scalar(
             "SELECT state_after FROM events WHERE room_nid = $1 AND stream_ordering <= $2 \
-             AND outlier = 0 ORDER BY stream_ordering DESC LIMIT 1",
+             AND stream_ordering > 0 AND outlier = 0 ORDER BY stream_ordering DESC LIMIT 1",
         )
         .bind(room_nid)
         .bind(pos)

@@ -9,6 +9,7 @@ mod accounts;
 mod batch;
 mod events;
 mod federation;
+mod history;
 mod misc;
 mod rooms;
 pub mod server_keys;
@@ -21,7 +22,7 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use self::{accounts::*, batch::*, events::*, federation::*, misc::*, rooms::*};
+pub use self::{accounts::*, batch::*, events::*, federation::*, history::*, misc::*, rooms::*};
 use crate::{Error, Result};
 
 /// Which database engine backs the store.
