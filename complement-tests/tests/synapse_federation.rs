@@ -1,8 +1,9 @@
 //! Federation between Myelin and a real Synapse (1.163, on loopback with self-signed TLS):
 //! a Synapse user joins a Myelin-hosted room and a Myelin user joins a Synapse-hosted room;
 //! messages, state changes and membership changes (invites, kicks, bans, leaves) flow both
-//! ways, knocks and restricted joins included, in every room version from 6 to 12; and both
-//! servers agree on the room's current state.
+//! ways, knocks and restricted joins included, in every room version from 6 to 12; history
+//! from before the join is backfilled both ways; and both servers agree on the room's
+//! current state.
 
 use std::time::{Duration, Instant};
 
@@ -507,6 +508,50 @@ async fn restricted_exchange(s: &Sides, room_version: &str) -> anyhow::Result<()
     Ok(())
 }
 
+/// History from before the join: the host's room has more messages than a join brings;
+/// the guest pages `/messages` backwards to the start and gets every one of them in order
+/// (its server backfills them from the host's `/backfill`).
+async fn history_exchange(s: &Sides, room_version: &str) -> anyhow::Result<()> {
+    let (host, guest, guest_id) = (&s.host, &s.guest, &s.guest_id);
+    let room = host
+        .create_room(&json!({"preset": "public_chat", "room_version": room_version}))
+        .await?;
+    let sent: Vec<String> = (0..60).map(|i| format!("history {i}")).collect();
+    for text in &sent {
+        host.send_message(&room, text).await?;
+    }
+    let r = join_via(guest, &room, &s.host_name).await?;
+    anyhow::ensure!(r["status"] == 200, "joining the room with history: {r}");
+    wait_membership(host, &room, guest_id, "join").await?;
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..40 {
+        let mut path = format!("/rooms/{}/messages?dir=b&limit=20", enc(&room));
+        if let Some(f) = &from {
+            path.push_str(&format!("&from={}", enc(f)));
+        }
+        let page = ok(guest.get(&path).await?);
+        seen.extend(
+            page["chunk"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["type"] == "m.room.message")
+                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)),
+        );
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    seen.reverse();
+    anyhow::ensure!(
+        seen == sent,
+        "the guest's history differs from the host's: {seen:?}"
+    );
+    Ok(())
+}
+
 /// Whether `version` (a numeric room version) is `min` or later.
 fn room_version_at_least(version: &str, min: u32) -> bool {
     version.parse::<u32>().is_ok_and(|v| v >= min)
@@ -563,6 +608,7 @@ async fn synapse_joins_myelin_room(backend: Backend, room_version: &str) -> anyh
             guest_id: synapse.user_id("bob"),
             guest_name: synapse.server_name().to_owned(),
         };
+        history_exchange(&sides, room_version).await?;
         if room_version_at_least(room_version, 8) {
             restricted_exchange(&sides, room_version).await?;
         }
@@ -586,6 +632,7 @@ async fn myelin_joins_synapse_room(backend: Backend, room_version: &str) -> anyh
             guest_id: myelin.user_id("dave"),
             guest_name: myelin.server_name().to_owned(),
         };
+        history_exchange(&sides, room_version).await?;
         if room_version_at_least(room_version, 8) {
             restricted_exchange(&sides, room_version).await?;
         }
