@@ -10,6 +10,7 @@ mod batch;
 mod events;
 mod federation;
 mod misc;
+mod redactions;
 mod rooms;
 pub mod server_keys;
 
@@ -21,7 +22,7 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use self::{accounts::*, batch::*, events::*, federation::*, misc::*, rooms::*};
+pub use self::{accounts::*, batch::*, events::*, federation::*, misc::*, redactions::*, rooms::*};
 use crate::{Error, Result};
 
 /// Which database engine backs the store.
