@@ -6,7 +6,8 @@
 //! - [`inbound`]: checking events from other servers and fetching what they lack;
 //!   [`endpoints`]: the `/_matrix/federation/*` handlers; [`sender`]: the durable outbox, one
 //!   queue per destination; [`outbound`]: what our users do in other servers' rooms (joins,
-//!   invites, leaves, directory and profile look-ups).
+//!   invites, leaves, directory and profile look-ups); [`rooms`]: room directories and space
+//!   hierarchies, served and asked for.
 
 pub mod auth;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod inbound;
 pub mod key_server;
 pub mod keyring;
 pub mod outbound;
+pub mod rooms;
 pub mod sender;
 
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub struct Federation {
     pub server: Arc<Server>,
     pub client: Arc<FederationClient>,
     pub keys: Arc<KeyRing>,
+    /// Other servers' `/hierarchy` answers, reused for a minute.
+    pub hierarchy: rooms::HierarchyCache,
 }
 
 impl Federation {
@@ -48,6 +52,7 @@ impl Federation {
             server,
             client,
             keys,
+            hierarchy: rooms::HierarchyCache::default(),
         }))
     }
 }
