@@ -2,32 +2,30 @@
 //! directory"): alias create/resolve/delete, a room's local aliases, `publicRooms` (GET and
 //! filtered POST, paginated) and a room's directory visibility.
 //!
-//! Only local aliases and the local directory are served; remote ones need federation.
-//! `publicRooms` pagination tokens are `o<offset>` into the filtered list, which is ordered by
-//! joined member count (largest first), then room ID.
+//! Another server's aliases and room directory (`publicRooms?server=`) are asked for over
+//! federation; our directory itself (summaries, filters, paging) is `myelin_core::directory`.
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Extension, Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     Json,
 };
-use myelin_core::{pdu::NewEvent, power::PowerLevels, Append, Error, RoomInfo, Server};
-use ruma::{OwnedRoomAliasId, OwnedRoomId, UserId};
+use myelin_core::{
+    directory::PublicRoomsQuery, pdu::NewEvent, power::PowerLevels, Append, Error, RoomInfo, Server,
+};
+use myelin_federation::Federation;
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName, UserId};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::{
     error::matrix_error,
     error::ApiResult,
     extract::{parse_id, Auth, JsonBody},
 };
-
-/// Rooms per `publicRooms` page when the client asks for no (or a non-positive) limit, and the
-/// most it may ask for.
-const MAX_PUBLIC_ROOMS_PAGE: usize = 500;
 
 // Shared helpers ------------------------------------------------------------------------------
 
@@ -299,208 +297,54 @@ pub async fn put_visibility(
 
 // publicRooms ---------------------------------------------------------------------------------
 
-/// One entry of the published room directory.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct PublicRoom {
-    room_id: String,
-    name: Option<String>,
-    topic: Option<String>,
-    canonical_alias: Option<String>,
-    avatar_url: Option<String>,
-    join_rule: Option<String>,
-    room_type: Option<String>,
-    world_readable: bool,
-    guest_can_join: bool,
-    num_joined_members: usize,
+/// A `publicRooms` answer: ours from the directory, another server's over federation.
+async fn public_rooms(
+    server: &Server,
+    fed: &Federation,
+    remote: Option<String>,
+    q: PublicRoomsQuery,
+    include_all_networks: bool,
+    third_party_instance_id: Option<String>,
+) -> ApiResult<Json<Value>> {
+    if let Some(other) = remote.filter(|s| s != server.server_name()) {
+        let other: OwnedServerName = parse_id(&other, "server name")?;
+        let body = fed
+            .public_rooms(&other, &q, include_all_networks, third_party_instance_id)
+            .await?;
+        return Ok(Json(body));
+    }
+    Ok(Json(server.public_rooms(q).await?))
 }
 
-impl PublicRoom {
-    fn to_json(&self) -> Value {
-        let mut out = Map::new();
-        out.insert("room_id".into(), json!(self.room_id));
-        out.insert("num_joined_members".into(), json!(self.num_joined_members));
-        out.insert("world_readable".into(), json!(self.world_readable));
-        out.insert("guest_can_join".into(), json!(self.guest_can_join));
-        for (k, v) in [
-            ("name", &self.name),
-            ("topic", &self.topic),
-            ("canonical_alias", &self.canonical_alias),
-            ("avatar_url", &self.avatar_url),
-            ("join_rule", &self.join_rule),
-            ("room_type", &self.room_type),
-        ] {
-            if let Some(v) = v {
-                out.insert(k.into(), json!(v));
-            }
-        }
-        Value::Object(out)
+fn parse_limit(limit: Option<&str>) -> ApiResult<Option<i64>> {
+    match limit {
+        None | Some("") => Ok(None),
+        Some(l) => Ok(Some(
+            l.parse::<i64>()
+                .map_err(|_| Error::invalid_param("Invalid limit"))?,
+        )),
     }
-
-    /// Whether the room's name, topic or canonical alias contains `term` (case-insensitive).
-    fn matches_term(&self, term: &str) -> bool {
-        let term = term.trim().to_lowercase();
-        if term.is_empty() {
-            return true;
-        }
-        [&self.name, &self.topic, &self.canonical_alias]
-            .into_iter()
-            .flatten()
-            .any(|s| s.to_lowercase().contains(&term))
-    }
-
-    /// Whether the room's type is in `types` (`None` standing for rooms without a type).
-    fn matches_types(&self, types: &[Option<String>]) -> bool {
-        types.is_empty() || types.contains(&self.room_type)
-    }
-}
-
-/// The directory entry of a room, from its current state.
-async fn summarize(server: &Server, room: &RoomInfo) -> myelin_core::Result<PublicRoom> {
-    let state = server.current_state(room).await?;
-    let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
-    let num_joined_members = server
-        .members(room.nid)
-        .await?
-        .values()
-        .filter(|m| m.as_str() == "join")
-        .count();
-    let room_type = server
-        .state_event(&state, "m.room.create", "")
-        .await?
-        .and_then(|e| e.pdu.content_str("type"));
-    Ok(PublicRoom {
-        room_id: room.room_id.to_string(),
-        name: nonempty(state_str(server, &state, "m.room.name", "name").await?),
-        topic: nonempty(state_str(server, &state, "m.room.topic", "topic").await?),
-        canonical_alias: nonempty(
-            state_str(server, &state, "m.room.canonical_alias", "alias").await?,
-        ),
-        avatar_url: nonempty(state_str(server, &state, "m.room.avatar", "url").await?),
-        join_rule: state_str(server, &state, "m.room.join_rules", "join_rule").await?,
-        room_type,
-        world_readable: state_str(
-            server,
-            &state,
-            "m.room.history_visibility",
-            "history_visibility",
-        )
-        .await?
-        .as_deref()
-            == Some("world_readable"),
-        guest_can_join: state_str(server, &state, "m.room.guest_access", "guest_access")
-            .await?
-            .as_deref()
-            == Some("can_join"),
-        num_joined_members,
-    })
-}
-
-/// A `publicRooms` pagination token: the offset of the batch it asks for.
-fn encode_token(offset: usize) -> String {
-    format!("o{offset}")
-}
-
-fn decode_token(token: &str) -> Option<usize> {
-    token.strip_prefix('o')?.parse().ok()
-}
-
-/// The page `[start, end)` of `total` entries and its `(next_batch, prev_batch)` offsets.
-fn page(total: usize, start: usize, limit: usize) -> (usize, usize, Option<usize>, Option<usize>) {
-    let start = start.min(total);
-    let end = start.saturating_add(limit).min(total);
-    let next = (end < total).then_some(end);
-    let prev = (start > 0).then(|| start.saturating_sub(limit));
-    (start, end, next, prev)
-}
-
-/// What a `publicRooms` request asks for.
-struct DirectoryQuery {
-    limit: Option<i64>,
-    since: Option<String>,
-    server: Option<String>,
-    term: Option<String>,
-    room_types: Vec<Option<String>>,
-    /// A third-party network was asked for; Myelin bridges none, so nothing is in it.
-    third_party_only: bool,
-}
-
-async fn public_rooms(server: &Server, q: DirectoryQuery) -> ApiResult<Json<Value>> {
-    if q.server
-        .as_deref()
-        .is_some_and(|s| s != server.server_name())
-    {
-        return Err(Error::not_found("Room directories of other servers are not available").into());
-    }
-    let start = match q.since.as_deref() {
-        None | Some("") => 0,
-        Some(t) => decode_token(t).ok_or_else(|| Error::invalid_param("Invalid since token"))?,
-    };
-    let limit = match q.limit {
-        Some(l) if l > 0 => (l as usize).min(MAX_PUBLIC_ROOMS_PAGE),
-        _ => MAX_PUBLIC_ROOMS_PAGE,
-    };
-    let mut rooms = Vec::new();
-    if !q.third_party_only {
-        for row in server.store.public_rooms().await? {
-            let room = server.room_by_nid(row.room_nid).await?;
-            let entry = summarize(server, &room).await?;
-            if q.term.as_deref().is_none_or(|t| entry.matches_term(t))
-                && entry.matches_types(&q.room_types)
-            {
-                rooms.push(entry);
-            }
-        }
-    }
-    rooms.sort_by(|a, b| {
-        b.num_joined_members
-            .cmp(&a.num_joined_members)
-            .then_with(|| a.room_id.cmp(&b.room_id))
-    });
-    let (start, end, next, prev) = page(rooms.len(), start, limit);
-    let mut out = json!({
-        "chunk": rooms[start..end].iter().map(PublicRoom::to_json).collect::<Vec<_>>(),
-        "total_room_count_estimate": rooms.len(),
-    });
-    if let Some(n) = next {
-        out["next_batch"] = json!(encode_token(n));
-    }
-    if let Some(p) = prev {
-        out["prev_batch"] = json!(encode_token(p));
-    }
-    Ok(Json(out))
 }
 
 #[derive(Deserialize)]
-pub struct PublicRoomsQuery {
+pub struct PublicRoomsQueryParams {
     limit: Option<String>,
     since: Option<String>,
     server: Option<String>,
 }
 
-/// `GET /publicRooms` (no authentication needed).
+/// `GET /publicRooms` (no authentication needed); `server` names another server to ask.
 pub async fn public_rooms_get(
     State(server): State<Arc<Server>>,
-    Query(q): Query<PublicRoomsQuery>,
+    Extension(fed): Extension<Arc<Federation>>,
+    Query(q): Query<PublicRoomsQueryParams>,
 ) -> ApiResult<Json<Value>> {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => None,
-        Some(l) => Some(
-            l.parse::<i64>()
-                .map_err(|_| Error::invalid_param("Invalid limit"))?,
-        ),
+    let query = PublicRoomsQuery {
+        limit: parse_limit(q.limit.as_deref())?,
+        since: q.since,
+        ..Default::default()
     };
-    public_rooms(
-        &server,
-        DirectoryQuery {
-            limit,
-            since: q.since,
-            server: q.server,
-            term: None,
-            room_types: vec![],
-            third_party_only: false,
-        },
-    )
-    .await
+    public_rooms(&server, &fed, q.server, query, false, None).await
 }
 
 #[derive(Deserialize, Default)]
@@ -527,21 +371,26 @@ pub struct ServerQuery {
 /// `POST /publicRooms`.
 pub async fn public_rooms_post(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<Federation>>,
     _auth: Auth,
     Query(q): Query<ServerQuery>,
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
     let filter = body.filter.unwrap_or_default();
+    let query = PublicRoomsQuery {
+        limit: body.limit,
+        since: body.since,
+        term: filter.generic_search_term,
+        room_types: filter.room_types.unwrap_or_default(),
+        third_party_only: !body.include_all_networks && body.third_party_instance_id.is_some(),
+    };
     public_rooms(
         &server,
-        DirectoryQuery {
-            limit: body.limit,
-            since: body.since,
-            server: q.server,
-            term: filter.generic_search_term,
-            room_types: filter.room_types.unwrap_or_default(),
-            third_party_only: !body.include_all_networks && body.third_party_instance_id.is_some(),
-        },
+        &fed,
+        q.server,
+        query,
+        body.include_all_networks,
+        body.third_party_instance_id,
     )
     .await
 }
@@ -549,75 +398,6 @@ pub async fn public_rooms_post(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_round_trip() {
-        for n in [0, 1, 20, 123_456] {
-            assert_eq!(decode_token(&encode_token(n)), Some(n));
-        }
-        for bad in ["", "o", "x5", "o-1", "ofive", "5"] {
-            assert_eq!(decode_token(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn pages_walk_forwards_and_backwards() {
-        assert_eq!(page(5, 0, 2), (0, 2, Some(2), None));
-        assert_eq!(page(5, 2, 2), (2, 4, Some(4), Some(0)));
-        assert_eq!(page(5, 4, 2), (4, 5, None, Some(2)));
-        assert_eq!(page(5, 1, 2), (1, 3, Some(3), Some(0)));
-        assert_eq!(page(5, 9, 2), (5, 5, None, Some(3)));
-        assert_eq!(page(0, 0, 10), (0, 0, None, None));
-        assert_eq!(page(3, 0, usize::MAX), (0, 3, None, None));
-    }
-
-    fn room() -> PublicRoom {
-        PublicRoom {
-            room_id: "!r:x".into(),
-            name: Some("Cheese Lovers".into()),
-            topic: Some("All about Brie".into()),
-            canonical_alias: Some("#fromage:x".into()),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn search_matches_name_topic_alias_case_insensitively() {
-        let r = room();
-        assert!(r.matches_term("cheese"));
-        assert!(r.matches_term("BRIE"));
-        assert!(r.matches_term("fromage"));
-        assert!(r.matches_term("  "));
-        assert!(!r.matches_term("wine"));
-        assert!(!PublicRoom::default().matches_term("x"));
-    }
-
-    #[test]
-    fn room_types_filter() {
-        let mut r = room();
-        assert!(r.matches_types(&[]));
-        assert!(r.matches_types(&[None]));
-        assert!(!r.matches_types(&[Some("m.space".into())]));
-        r.room_type = Some("m.space".into());
-        assert!(r.matches_types(&[None, Some("m.space".into())]));
-        assert!(!r.matches_types(&[None]));
-    }
-
-    #[test]
-    fn entries_omit_absent_fields() {
-        let v = PublicRoom {
-            room_id: "!r:x".into(),
-            num_joined_members: 3,
-            ..Default::default()
-        }
-        .to_json();
-        assert_eq!(
-            v,
-            json!({"room_id": "!r:x", "num_joined_members": 3, "world_readable": false,
-                   "guest_can_join": false})
-        );
-        assert_eq!(room().to_json()["canonical_alias"], "#fromage:x");
-    }
 
     #[test]
     fn canonical_alias_loses_the_deleted_alias() {

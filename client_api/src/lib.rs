@@ -24,6 +24,7 @@ mod discovery;
 pub mod error;
 pub mod extract;
 mod filter;
+mod hierarchy;
 mod membership;
 mod message;
 mod profile;
@@ -186,6 +187,10 @@ pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
             get(discovery::token_validity),
+        )
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/hierarchy",
+            get(hierarchy::hierarchy),
         )
         .fallback(unrecognized)
         .with_state(server)

@@ -1,9 +1,13 @@
 //! Room creation (spec § "Creation", `POST /createRoom`): presets, initial power levels and
-//! state, alias, invites, all written as one transaction.
+//! state, alias, local invites, all written as one transaction; then invites of other
+//! servers' users, each over federation.
 
 use std::sync::Arc;
 
-use axum::{extract::State, Json};
+use axum::{
+    extract::{Extension, State},
+    Json,
+};
 use myelin_core::{
     pdu::{NewEvent, DEFAULT_ROOM_VERSION, SUPPORTED_ROOM_VERSIONS},
     ruma::{OwnedUserId, RoomAliasId, RoomVersionId},
@@ -54,6 +58,7 @@ fn state(sender: &OwnedUserId, kind: &str, key: &str, content: Value) -> Result<
 
 pub async fn create_room(
     State(server): State<Arc<Server>>,
+    Extension(fed): Extension<Arc<myelin_federation::Federation>>,
     auth: Auth,
     JsonBody(body): JsonBody<CreateRoomBody>,
 ) -> ApiResult<Json<Value>> {
@@ -229,15 +234,17 @@ pub async fn create_room(
             json!({"topic": t, "m.topic": [{"mimetype": "text/plain", "body": t}]}),
         )?);
     }
+    let mut remote_invitees = Vec::new();
     for i in &invitees {
         if i == &creator {
             continue;
         }
         if i.server_name().as_str() != server.server_name() {
-            return err(
-                ErrorKind::Forbidden,
-                "Inviting remote users needs federation, which this server does not do yet",
-            );
+            // Invited over federation once the room exists (their server countersigns).
+            if !remote_invitees.contains(i) {
+                remote_invitees.push(i.clone());
+            }
+            continue;
         }
         if server.store.user(i.as_str()).await?.is_none() {
             return err(ErrorKind::NotFound, format!("Unknown user {i}"));
@@ -266,6 +273,18 @@ pub async fn create_room(
     }
     if body.visibility.as_deref() == Some("public") {
         server.store.set_room_public(room.nid, true).await?;
+    }
+    // Users of other servers: one invite each over federation, as `/invite` sends it. The
+    // room exists by now, so a server that cannot be reached or refuses does not undo it; the
+    // failure is logged and the invite can be sent again with `/invite`.
+    for i in &remote_invitees {
+        let mut c = json!({"membership": "invite"});
+        if body.is_direct {
+            c["is_direct"] = json!(true);
+        }
+        if let Err(e) = fed.invite_remote_with(&room, &creator, i, c).await {
+            tracing::warn!(room = %room.room_id, invitee = %i, error = %e, "createRoom invite failed");
+        }
     }
     Ok(Json(json!({ "room_id": room.room_id })))
 }

@@ -36,6 +36,8 @@ pub enum ErrorKind {
     UnableToAuthoriseJoin,
     /// A restricted join the user qualifies for, but no user of ours may invite.
     UnableToGrantJoin,
+    /// Another server we had to ask could not be reached or failed (502, `M_UNKNOWN`).
+    RemoteUnavailable,
 }
 
 impl ErrorKind {
@@ -67,6 +69,7 @@ impl ErrorKind {
             IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
             UnableToAuthoriseJoin => "M_UNABLE_TO_AUTHORISE_JOIN",
             UnableToGrantJoin => "M_UNABLE_TO_GRANT_JOIN",
+            RemoteUnavailable => "M_UNKNOWN",
         }
     }
 
@@ -80,8 +83,33 @@ impl ErrorKind {
             LimitExceeded => 429,
             TooLarge => 413,
             Unknown => 500,
+            RemoteUnavailable => 502,
             _ => 400,
         }
+    }
+}
+
+impl ErrorKind {
+    /// The kind of an error another server answered with, when passing it on to our client
+    /// keeps its meaning: refusals about the request itself (a bad room version, a restricted
+    /// join that cannot be authorised, bad JSON, rate limits). Errors about the server-to-server
+    /// exchange (signatures, tokens) are not among them; they mean the other server failed us.
+    pub fn from_remote_errcode(errcode: &str) -> Option<ErrorKind> {
+        use ErrorKind::*;
+        Some(match errcode {
+            "M_INCOMPATIBLE_ROOM_VERSION" => IncompatibleRoomVersion,
+            "M_UNSUPPORTED_ROOM_VERSION" => UnsupportedRoomVersion,
+            "M_UNABLE_TO_AUTHORISE_JOIN" => UnableToAuthoriseJoin,
+            "M_UNABLE_TO_GRANT_JOIN" => UnableToGrantJoin,
+            "M_BAD_JSON" => BadJson,
+            "M_NOT_JSON" => NotJson,
+            "M_INVALID_PARAM" => InvalidParam,
+            "M_MISSING_PARAM" => MissingParam,
+            "M_LIMIT_EXCEEDED" => LimitExceeded,
+            "M_TOO_LARGE" => TooLarge,
+            "M_BAD_STATE" => BadState,
+            _ => return None,
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod config;
+pub mod directory;
 pub mod error;
 pub mod keys;
 pub mod pdu;
@@ -13,6 +14,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use ruma;
 pub mod power;
 pub mod server;
+pub mod spaces;
 pub mod state;
 pub mod streams;
 

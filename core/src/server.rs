@@ -27,8 +27,10 @@ use tokio::sync::Mutex as AsyncMutex;
 
 mod acl;
 mod history;
+mod late_redactions;
 mod remote;
 mod restricted;
+use late_redactions::LateRedaction;
 pub use remote::{pdu_from_federation, redacted_pdu, Ingested};
 pub use restricted::JoinAuthorisation;
 
@@ -102,6 +104,9 @@ struct RoomHead {
     generation: u64,
     /// Events built on this head whose commit is still in flight: `nid → (position, PDU)`.
     pending: HashMap<i64, (i64, Arc<Pdu>)>,
+    /// Redactions waiting for their target whose commit is still in flight, with their
+    /// position (see `late_redactions.rs`).
+    awaiting_redactions: Vec<(i64, crate::store::PendingRedaction)>,
 }
 
 static HEAD_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -610,6 +615,7 @@ impl Server {
                 state,
                 generation: next_generation(),
                 pending: HashMap::new(),
+                awaiting_redactions: Vec::new(),
             });
         }
         slot.as_ref().ok_or_else(|| Error::internal("head"))
@@ -685,11 +691,13 @@ impl Server {
             state: Arc::new(StateMap::new()),
             generation: next_generation(),
             pending: HashMap::new(),
+            awaiting_redactions: Vec::new(),
         };
         let mut all = vec![Built {
             pdu: Arc::new(create),
             sender_txn: None,
             redaction: None,
+            late: LateRedaction::default(),
         }];
         let mut head = empty;
         let mut local = HashMap::new();
@@ -883,6 +891,7 @@ impl Server {
             pdu: Arc::new(pdu),
             sender_txn: item.txn,
             redaction,
+            late: LateRedaction::default(),
         })
     }
 
@@ -986,6 +995,19 @@ impl Server {
                 write
                     .redactions
                     .push((*target, json.clone(), pdu.event_id.to_string()));
+            }
+            if let Some(by) = &b.late.redacted_by {
+                // Stored in its redacted form from the start (`pdu` is already redacted).
+                write
+                    .redactions
+                    .push((a.nid, pdu.json.get().to_owned(), by.clone()));
+            }
+            if b.late.settles {
+                write.settled_redactions.push(pdu.event_id.to_string());
+            }
+            if let Some(p) = &b.late.awaits {
+                write.pending_redactions.push(p.clone());
+                head.awaiting_redactions.push((*pos, p.clone()));
             }
             // Our own events, and events we relay as the resident server, go to every other
             // server in the room (and to the target's server of a membership change).
@@ -1118,7 +1140,7 @@ impl Server {
                 depth: b.pdu.depth,
                 state_before: Some(a.state_before),
                 state_after: Some(a.group_after()),
-                redacted_by: None,
+                redacted_by: b.late.redacted_by,
                 outlier: false,
                 rejected: false,
                 txn: Some(b.sender_txn.map(|(d, _, t)| (d, t))),
@@ -1430,7 +1452,10 @@ async fn run_writer(
 struct Built {
     pdu: Arc<Pdu>,
     sender_txn: Option<(String, String, String)>,
+    /// `(target nid, its redacted JSON)` of a redaction applied now.
     redaction: Option<(i64, String)>,
+    /// Redactions of another server's event whose other half arrived first.
+    late: LateRedaction,
 }
 
 struct AppliedGroup {

@@ -46,6 +46,11 @@ pub fn routes() -> Router<FedState> {
         .route("/backfill/{room_id}", get(backfill))
         .route("/get_missing_events/{room_id}", post(get_missing_events))
         .route("/query/directory", get(query_directory))
+        .route(
+            "/publicRooms",
+            get(crate::rooms::public_rooms_get).post(crate::rooms::public_rooms_post),
+        )
+        .route("/hierarchy/{room_id}", get(crate::rooms::hierarchy))
         .route("/query/profile", get(query_profile))
         .route("/user/devices/{user_id}", get(user_devices))
         .route("/user/keys/query", post(user_keys_query))

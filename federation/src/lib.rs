@@ -7,7 +7,8 @@
 //!   [`history`]: backfill and the state at events we lack;
 //!   [`endpoints`]: the `/_matrix/federation/*` handlers; [`sender`]: the durable outbox, one
 //!   queue per destination; [`outbound`]: what our users do in other servers' rooms (joins,
-//!   invites, leaves, directory and profile look-ups).
+//!   invites, leaves, directory and profile look-ups); [`rooms`]: room directories and space
+//!   hierarchies, served and asked for.
 
 pub mod auth;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod inbound;
 pub mod key_server;
 pub mod keyring;
 pub mod outbound;
+pub mod rooms;
 pub mod sender;
 
 use std::sync::Arc;
@@ -42,6 +44,8 @@ pub struct Federation {
     pub keys: Arc<KeyRing>,
     /// One backfill per room at a time (see [`history`]).
     backfill_locks: std::sync::Mutex<std::collections::HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Other servers' `/hierarchy` answers, reused for a minute.
+    pub hierarchy: rooms::HierarchyCache,
 }
 
 impl Federation {
@@ -53,6 +57,7 @@ impl Federation {
             client,
             keys,
             backfill_locks: Default::default(),
+            hierarchy: rooms::HierarchyCache::default(),
         }))
     }
 }

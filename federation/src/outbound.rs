@@ -19,16 +19,22 @@ use serde_json::{json, Value};
 
 use crate::{client::FedError, inbound::encode, Federation};
 
-/// A failed request to another server as a Matrix error for our client.
-fn remote_error(what: &str, e: FedError) -> Error {
+/// A failed request to another server as a Matrix error for our client: its refusals that
+/// keep their meaning pass through (403, 404, a bad room version, ...), anything else is
+/// 502 `M_UNKNOWN`, never a 500 of ours.
+pub(crate) fn remote_error(what: &str, e: FedError) -> Error {
     match (e.status(), e.errcode()) {
         (Some(403), _) => Error::forbidden(format!("{what}: {e}")),
         (Some(404), _) => Error::not_found(format!("{what}: {e}")),
-        (_, Some("M_INCOMPATIBLE_ROOM_VERSION")) => {
-            Error::new(ErrorKind::IncompatibleRoomVersion, format!("{what}: {e}"))
-        }
-        _ => Error::new(
-            ErrorKind::Unknown,
+        (Some(_), code) => match code.and_then(ErrorKind::from_remote_errcode) {
+            Some(kind) => Error::new(kind, format!("{what}: {e}")),
+            None => Error::new(
+                ErrorKind::RemoteUnavailable,
+                format!("{what}: the other server failed: {e}"),
+            ),
+        },
+        (None, _) => Error::new(
+            ErrorKind::RemoteUnavailable,
             format!("{what}: the other server could not be reached: {e}"),
         ),
     }
@@ -307,6 +313,19 @@ impl Federation {
         if let Some(r) = reason {
             content["reason"] = json!(r);
         }
+        self.invite_remote_with(room, sender, invitee, content)
+            .await
+    }
+
+    /// [`Federation::invite_remote`] with the invite's whole content (`membership` is
+    /// `invite`; `createRoom` adds `is_direct`).
+    pub async fn invite_remote_with(
+        &self,
+        room: &Arc<RoomInfo>,
+        sender: &UserId,
+        invitee: &UserId,
+        content: Value,
+    ) -> Result<Arc<StoredEvent>> {
         let event = NewEvent::state("m.room.member", invitee.as_str(), content)?;
         let pdu = self.server.build_detached(room, sender, event).await?;
         let state = self.server.current_state(room).await?;

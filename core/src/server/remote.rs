@@ -15,7 +15,7 @@ use ruma::{
     ServerName,
 };
 
-use super::*;
+use super::{late_redactions::outlier_redaction, *};
 use crate::store::{CurrentWrite, GroupWrite, OutlierWrite};
 
 /// What became of an event from another server.
@@ -252,6 +252,14 @@ impl Server {
         let mut accepted: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
         let mut rejected: HashSet<OwnedEventId> = HashSet::new();
         let mut rows = Vec::new();
+        // Redactions that arrived before these events (`late_redactions.rs`).
+        let waiting = if pending.is_empty() {
+            Vec::new()
+        } else {
+            self.waiting_redactions_in_room(room).await?
+        };
+        let mut redactions = Vec::new();
+        let mut settled = Vec::new();
         // Topological order over auth_events: store an event once all its auth events are.
         loop {
             // The create event goes first (room v12 events do not list it as an auth event).
@@ -288,7 +296,18 @@ impl Server {
                     }
                 };
                 let nid = self.next_event_nid.fetch_add(1, Ordering::Relaxed);
-                rows.push(outlier_row(nid, &p, refused.is_some(), None));
+                let mut row = outlier_row(nid, &p, refused.is_some(), None);
+                if refused.is_none() {
+                    let (by, any) = outlier_redaction(&waiting, room.nid, &p);
+                    if let Some(by) = by {
+                        row.json = redact_json(&p.json, &room.rules)?.get().to_owned();
+                        redactions.push((nid, row.json.clone(), by));
+                    }
+                    if any {
+                        settled.push(p.event_id.to_string());
+                    }
+                }
+                rows.push(row);
                 match refused {
                     Some(why) => {
                         tracing::info!(event = %id, %why, "rejected outlier");
@@ -304,6 +323,8 @@ impl Server {
             let write = RoomWrite {
                 room_nid: room.nid,
                 outliers: rows,
+                redactions,
+                settled_redactions: settled,
                 ..Default::default()
             };
             self.store.write_rooms(&[&write]).await?;
@@ -606,6 +627,7 @@ impl Server {
         }
         let committed = self.events_stream.current();
         head.pending.retain(|_, (pos, _)| *pos > committed);
+        head.awaiting_redactions.retain(|(pos, _)| *pos > committed);
 
         // 2. Against the state before it (resolved over its parents' states).
         let mut groups: Vec<i64> = prevs.iter().filter_map(|e| e.state_after).collect();
@@ -711,36 +733,25 @@ impl Server {
             }
         }
         // A redaction applies when its sender may redact the target (or both come from one
-        // server); otherwise it is kept but changes nothing.
-        let redaction = match &pdu.redacts {
-            Some(target_id) => match self.event_by_id(target_id).await? {
-                Some(t) if t.room_nid == room.nid && t.redacted_by.is_none() => {
-                    let pl = current_auth.get(&(StateEventType::RoomPowerLevels, String::new()));
-                    let create = current_auth.get(&(StateEventType::RoomCreate, String::new()));
-                    let power = crate::power::PowerLevels::from_state(
-                        pl.map(|p| &**p),
-                        create.map(|p| &**p),
-                        &room.rules,
-                    );
-                    let allowed = power.can_redact(&pdu.sender)
-                        || t.pdu.sender.server_name() == pdu.sender.server_name();
-                    if allowed {
-                        Some((
-                            t.nid,
-                            redact_json(&t.pdu.json, &room.rules)?.get().to_owned(),
-                        ))
-                    } else {
-                        None
-                    }
-                }
-                _ => None,
-            },
-            None => None,
-        };
+        // server); otherwise it is kept but changes nothing. One whose target has not arrived
+        // waits for it; an event a redaction waited for is stored redacted if that qualifies.
+        let pl = current_auth.get(&(StateEventType::RoomPowerLevels, String::new()));
+        let create = current_auth.get(&(StateEventType::RoomCreate, String::new()));
+        let power = crate::power::PowerLevels::from_state(
+            pl.map(|p| &**p),
+            create.map(|p| &**p),
+            &room.rules,
+        );
+        let mut late = LateRedaction::default();
+        let redaction = self
+            .remote_redaction(room, &head, &pdu, &power, &mut late)
+            .await?;
+        let pdu = self.waiting_redactions(room, &head, pdu, &mut late).await?;
         let built = Built {
             pdu: pdu.clone(),
             sender_txn: None,
             redaction,
+            late,
         };
         let applied = Applied {
             nid,
@@ -882,6 +893,7 @@ impl Server {
             state: after.clone(),
             generation: next_generation(),
             pending: HashMap::new(),
+            awaiting_redactions: Vec::new(),
         };
         let applied = Applied {
             nid,
@@ -899,6 +911,7 @@ impl Server {
             pdu: join,
             sender_txn: None,
             redaction: None,
+            late: LateRedaction::default(),
         };
         self.members
             .write()

@@ -84,6 +84,10 @@ pub struct RoomWrite {
     pub extremities: Option<Vec<i64>>,
     /// Redactions applied: `(target event_nid, redacted JSON, redaction event ID)`.
     pub redactions: Vec<(i64, String, String)>,
+    /// Redactions accepted before their target arrived.
+    pub pending_redactions: Vec<super::PendingRedaction>,
+    /// Targets now stored: the redactions waiting for them are settled (applied or not).
+    pub settled_redactions: Vec<String>,
     /// Events stored outside the timeline.
     pub outliers: Vec<OutlierWrite>,
     /// State groups not tied to one new event (resolved states, a joined room's state).
@@ -452,6 +456,35 @@ impl Store {
                     .execute(&mut **tx)
                     .await?;
             }
+        }
+        let pending: Vec<Vec<V>> = rooms
+            .iter()
+            .flat_map(|r| r.pending_redactions.iter())
+            .map(|p| {
+                vec![
+                    V::S(p.target_event_id.clone()),
+                    V::S(p.redaction_event_id.clone()),
+                    V::I(p.room_nid),
+                    V::S(p.sender_server.clone()),
+                    V::I(i64::from(p.power_ok)),
+                ]
+            })
+            .collect();
+        insert_rows(
+            tx,
+            "INSERT INTO pending_redactions (target_event_id, redaction_event_id, room_nid, \
+             sender_server, power_ok)",
+            5,
+            pending,
+            "ON CONFLICT (target_event_id, redaction_event_id) DO NOTHING",
+        )
+        .await?;
+        // After the inserts: a redaction and its target may share a batch.
+        for target in rooms.iter().flat_map(|r| r.settled_redactions.iter()) {
+            sqlx::query("DELETE FROM pending_redactions WHERE target_event_id = $1")
+                .bind(target)
+                .execute(&mut **tx)
+                .await?;
         }
         w.commit().await
     }

@@ -11,6 +11,7 @@ mod events;
 mod federation;
 mod history;
 mod misc;
+mod redactions;
 mod rooms;
 pub mod server_keys;
 
@@ -22,7 +23,9 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, MutexGuard};
 
-pub use self::{accounts::*, batch::*, events::*, federation::*, history::*, misc::*, rooms::*};
+pub use self::{
+    accounts::*, batch::*, events::*, federation::*, history::*, misc::*, redactions::*, rooms::*,
+};
 use crate::{Error, Result};
 
 /// Which database engine backs the store.
