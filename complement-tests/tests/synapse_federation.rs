@@ -2,8 +2,8 @@
 //! a Synapse user joins a Myelin-hosted room and a Myelin user joins a Synapse-hosted room;
 //! messages, state changes and membership changes (invites, kicks, bans, leaves) flow both
 //! ways, knocks and restricted joins included, in every room version from 6 to 12; history
-//! from before the join is backfilled both ways; and both servers agree on the room's
-//! current state.
+//! from before the join is backfilled both ways; room directories and space hierarchies are
+//! read across servers; and both servers agree on the room's current state.
 
 use std::time::{Duration, Instant};
 
@@ -552,6 +552,97 @@ async fn history_exchange(s: &Sides, room_version: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The room directory and space hierarchies across servers: the guest finds the host's
+/// published room through `publicRooms?server=` (GET and a filtered POST), and, having
+/// joined only the host's space, sees the space's child room through `/hierarchy` (its server
+/// asks the host's federation `/hierarchy`).
+async fn directory_exchange(s: &Sides, room_version: &str) -> anyhow::Result<()> {
+    let (host, guest) = (&s.host, &s.guest);
+    let findable = host
+        .create_room(&json!({
+            "preset": "public_chat",
+            "room_version": room_version,
+            "visibility": "public",
+            "name": "Findable across servers",
+            "topic": "listed in the directory",
+        }))
+        .await?;
+    let server = enc(&s.host_name);
+    let listed = |body: &Value| {
+        body["chunk"]
+            .as_array()
+            .is_some_and(|rooms| rooms.iter().any(|r| r["room_id"] == findable.as_str()))
+    };
+    let page = ok(guest.get(&format!("/publicRooms?server={server}")).await?);
+    anyhow::ensure!(listed(&page), "GET publicRooms from the host: {page}");
+    let found = ok(guest
+        .post(
+            &format!("/publicRooms?server={server}"),
+            &json!({"filter": {"generic_search_term": "findable"}, "limit": 5}),
+        )
+        .await?);
+    anyhow::ensure!(
+        listed(&found),
+        "POST publicRooms with a search term: {found}"
+    );
+    let none = ok(guest
+        .post(
+            &format!("/publicRooms?server={server}"),
+            &json!({"filter": {"generic_search_term": "no room is called this"}}),
+        )
+        .await?);
+    anyhow::ensure!(!listed(&none), "a search term that matches nothing: {none}");
+
+    let space = host
+        .create_room(&json!({
+            "preset": "public_chat",
+            "room_version": room_version,
+            "name": "A space",
+            "creation_content": {"type": "m.space"},
+        }))
+        .await?;
+    let child = host
+        .create_room(&json!({
+            "preset": "public_chat",
+            "room_version": room_version,
+            "name": "A child of the space",
+        }))
+        .await?;
+    host.send_state(
+        &space,
+        "m.space.child",
+        &child,
+        &json!({"via": [s.host_name], "suggested": true}),
+    )
+    .await?;
+    let r = join_via(guest, &space, &s.host_name).await?;
+    anyhow::ensure!(r["status"] == 200, "joining the space: {r}");
+    let hierarchy = ok(guest
+        .get(&format!(
+            "/_matrix/client/v1/rooms/{}/hierarchy",
+            enc(&space)
+        ))
+        .await?);
+    let rooms: Vec<&Value> = hierarchy["rooms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    anyhow::ensure!(
+        rooms
+            .iter()
+            .any(|r| r["room_id"] == space.as_str() && r["room_type"] == "m.space"),
+        "the space itself: {hierarchy}"
+    );
+    anyhow::ensure!(
+        rooms
+            .iter()
+            .any(|r| r["room_id"] == child.as_str() && r["name"] == "A child of the space"),
+        "the child room, known only to the host: {hierarchy}"
+    );
+    Ok(())
+}
+
 /// Whether `version` (a numeric room version) is `min` or later.
 fn room_version_at_least(version: &str, min: u32) -> bool {
     version.parse::<u32>().is_ok_and(|v| v >= min)
@@ -609,6 +700,7 @@ async fn synapse_joins_myelin_room(backend: Backend, room_version: &str) -> anyh
             guest_name: synapse.server_name().to_owned(),
         };
         history_exchange(&sides, room_version).await?;
+        directory_exchange(&sides, room_version).await?;
         if room_version_at_least(room_version, 8) {
             restricted_exchange(&sides, room_version).await?;
         }
@@ -633,6 +725,7 @@ async fn myelin_joins_synapse_room(backend: Backend, room_version: &str) -> anyh
             guest_name: myelin.server_name().to_owned(),
         };
         history_exchange(&sides, room_version).await?;
+        directory_exchange(&sides, room_version).await?;
         if room_version_at_least(room_version, 8) {
             restricted_exchange(&sides, room_version).await?;
         }
