@@ -213,7 +213,8 @@ impl Federation {
         Ok(room)
     }
 
-    /// Leaves (or rejects an invite to) a room no user of ours is joined to, through `via`.
+    /// Leaves (or rejects an invite to, or withdraws a knock on) a room no user of ours is
+    /// joined to, through the first of `via` that answers.
     pub async fn leave_remote(
         &self,
         user: &UserId,
@@ -221,37 +222,13 @@ impl Federation {
         via: &[OwnedServerName],
         reason: Option<&str>,
     ) -> Result<()> {
-        let mut last = Error::not_found("No server in the room could be asked to leave it");
-        for server in via.iter().filter(|s| **s != self.server.server_name) {
-            let attempt = async {
-                let (version, obj, pdu) = self
-                    .make_membership(server, "leave", room_id, user, reason)
-                    .await?;
-                let path = format!(
-                    "/_matrix/federation/v2/send_leave/{}/{}",
-                    encode(room_id.as_str()),
-                    encode(pdu.event_id.as_str())
-                );
-                let body = serde_json::to_value(&obj)?;
-                self.client
-                    .request(server, http::Method::PUT, &path, Some(&body))
-                    .await
-                    .map_err(|e| remote_error("send_leave", e))?;
-                self.server
-                    .store_remote_membership(version, pdu, vec![])
-                    .await
-            };
-            match attempt.await {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        self.membership_through("leave", user, room_id, via, reason)
+            .await
     }
 
-    /// Knocks on a room we are not in, through the first of `via` that answers
-    /// (`make_knock` → sign → `send_knock`); the knock is remembered with the stripped state
-    /// the resident server sent, for the knocker's `/sync` (`rooms.knock`).
+    /// Knocks on a room we are not in, through the first of `via` that answers; the knock is
+    /// remembered with the stripped state the resident server sent, for the knocker's
+    /// `/sync` (`rooms.knock`).
     pub async fn knock_remote(
         &self,
         user: &UserId,
@@ -259,14 +236,31 @@ impl Federation {
         via: &[OwnedServerName],
         reason: Option<&str>,
     ) -> Result<()> {
-        let mut last = Error::not_found("No server in the room could be asked to knock on it");
+        self.membership_through("knock", user, room_id, via, reason)
+            .await
+    }
+
+    /// `make_{kind}` → sign → `send_{kind}` (`leave` or `knock`) through the first of `via`
+    /// that answers, then the membership is stored outside the timeline (we are not in the
+    /// room) with the stripped state a `send_knock` answer carries.
+    async fn membership_through(
+        &self,
+        kind: &str,
+        user: &UserId,
+        room_id: &RoomId,
+        via: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut last = Error::not_found(format!("No server in the room could be asked to {kind}"));
         for server in via.iter().filter(|s| **s != self.server.server_name) {
             let attempt = async {
                 let (version, obj, pdu) = self
-                    .make_membership(server, "knock", room_id, user, reason)
+                    .make_membership(server, kind, room_id, user, reason)
                     .await?;
+                // send_leave is v2 (v1 answers a bare array); send_knock only exists as v1.
+                let api = if kind == "leave" { "v2" } else { "v1" };
                 let path = format!(
-                    "/_matrix/federation/v1/send_knock/{}/{}",
+                    "/_matrix/federation/{api}/send_{kind}/{}/{}",
                     encode(room_id.as_str()),
                     encode(pdu.event_id.as_str())
                 );
@@ -275,7 +269,7 @@ impl Federation {
                     .client
                     .request(server, http::Method::PUT, &path, Some(&body))
                     .await
-                    .map_err(|e| remote_error("send_knock", e))?;
+                    .map_err(|e| remote_error(&format!("send_{kind}"), e))?;
                 let stripped = resp
                     .get("knock_room_state")
                     .or_else(|| resp.get("knock_state"))
@@ -292,7 +286,7 @@ impl Federation {
             match attempt.await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::info!(via = %server, error = %e, "remote knock failed");
+                    tracing::info!(via = %server, error = %e, "remote {kind} failed");
                     last = e;
                 }
             }
