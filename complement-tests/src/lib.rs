@@ -20,6 +20,10 @@
 //!   per storage backend; [`run_backend_test`] is what those tests call.
 //! - [`eventually`]: a bounded poll for effects a server may apply in the
 //!   background.
+//! - [`federation`]: what the federation tests share: two-server scenarios
+//!   ([`pair_tests!`]), waits for what another server delivers, and
+//!   [`Peer`], which acts as a test server with its own signing key (signed
+//!   requests, transactions and events).
 //!
 //! # How the server is started
 //!
@@ -42,6 +46,7 @@
 //!   `postgres://postgres@127.0.0.1:5432/postgres`.
 
 pub mod client;
+pub mod federation;
 pub mod postgres;
 pub mod server;
 pub mod synapse;
@@ -50,6 +55,7 @@ pub use client::{
     assert_error, assert_status, enc, ok, query, state_path, success, unique_txn_id, Client,
     Response, CLIENT_V3,
 };
+pub use federation::Peer;
 pub use server::{Backend, TestServer};
 pub use synapse::{insecure_https_client, Synapse};
 

@@ -5,156 +5,33 @@
 //! server the room's server ACL denies. Each is refused as the spec says, nothing that should
 //! not be stored is visible, and A keeps serving.
 
-use std::time::{Duration, Instant};
-
-use complement_tests::{enc, insecure_https_client, ok, Backend, Client, TestServer};
-use myelin_core::{
-    keys::SigningKey,
-    pdu::{build_pdu, rules_for, EventFrame, NewEvent},
-    ruma::{
-        signatures::Ed25519KeyPair, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-        OwnedServerName, OwnedUserId, RoomVersionId,
-    },
+use complement_tests::federation::{
+    event_id, event_on, eventually, latest, message_event, messages, wait_for_message,
 };
+use complement_tests::{enc, ok, Backend, Client, Peer, TestServer};
 use serde_json::{json, Value};
 
-struct Peer {
+/// Server A, server B with a user in A's room, and the test acting as B.
+struct Setup {
     a: TestServer,
     b: TestServer,
-    key: SigningKey,
-    http: reqwest::Client,
+    /// Signs as B, with B's own key.
+    peer: Peer,
     room: String,
     alice: Client,
 }
 
-impl Peer {
-    fn a_name(&self) -> OwnedServerName {
-        OwnedServerName::try_from(self.a.server_name()).unwrap()
-    }
-    fn b_name(&self) -> OwnedServerName {
-        OwnedServerName::try_from(self.b.server_name()).unwrap()
-    }
-
-    /// A federation request to A, signed as `origin` with `key` for `destination`.
-    async fn request(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<&[u8]>,
-        key: Option<&Ed25519KeyPair>,
-        destination: Option<&OwnedServerName>,
-    ) -> anyhow::Result<(u16, Value)> {
-        let url = format!("{}{}", self.a.federation_url().unwrap(), path);
-        let mut req = self.http.request(
-            reqwest::Method::from_bytes(method.as_str().as_bytes())?,
-            url,
-        );
-        if let Some(key) = key {
-            let dest = destination.cloned().unwrap_or_else(|| self.a_name());
-            let header = myelin_federation::client::x_matrix_header(
-                &self.b_name(),
-                &dest,
-                key,
-                &method,
-                path,
-                // A body that is not JSON cannot be signed; sign as if there were none.
-                body.filter(|b| serde_json::from_slice::<Value>(b).is_ok())
-                    .unwrap_or_default(),
-            )?;
-            req = req.header("Authorization", header);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_vec());
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
-    }
-
-    async fn send_txn(&self, txn: &str, pdus: Vec<Value>) -> anyhow::Result<(u16, Value)> {
-        let body = serde_json::to_vec(&json!({
-            "origin": self.b.server_name(),
-            "origin_server_ts": MilliSecondsSinceUnixEpoch::now().0,
-            "pdus": pdus,
-        }))?;
-        self.request(
-            http::Method::PUT,
-            &format!("/_matrix/federation/v1/send/{txn}"),
-            Some(&body),
-            Some(&self.key.pair),
-            None,
-        )
-        .await
-    }
-
-    /// A message from `sender` (a user of B) built on the room's latest event, signed with
-    /// `key` as B.
-    async fn message(&self, sender: &str, body: &str, key: &SigningKey) -> anyhow::Result<Value> {
-        let state = self.alice.room_state(&self.room).await?;
-        let id_of = |ty: &str, sk: &str| -> Option<OwnedEventId> {
-            state
-                .iter()
-                .find(|e| e["type"] == ty && e["state_key"] == sk)
-                .and_then(|e| e["event_id"].as_str())
-                .and_then(|i| OwnedEventId::try_from(i).ok())
-        };
-        let mut auth: Vec<OwnedEventId> = [
-            id_of("m.room.power_levels", ""),
-            id_of("m.room.member", sender),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        auth.sort();
-        let latest = self
-            .alice
-            .messages(&self.room, &[("dir", "b"), ("limit", "1")])
-            .await?;
-        let prev = OwnedEventId::try_from(latest["chunk"][0]["event_id"].as_str().unwrap())?;
-        let version = RoomVersionId::V12;
-        let rules = rules_for(&version)?;
-        let room_id = OwnedRoomId::try_from(self.room.as_str())?;
-        let sender = OwnedUserId::try_from(sender)?;
-        let frame = EventFrame {
-            room_id: &room_id,
-            version: &version,
-            rules: &rules,
-            sender: &sender,
-            prev_events: &[prev],
-            auth_events: &auth,
-            depth: 1000,
-            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
-        };
-        let pdu = build_pdu(
-            NewEvent::message("m.room.message", json!({"msgtype": "m.text", "body": body}))?,
-            &frame,
-            self.b.server_name(),
-            key,
-        )?;
-        Ok(serde_json::from_str(pdu.json.get())?)
-    }
-
-    async fn timeline_bodies(&self) -> anyhow::Result<Vec<String>> {
-        let m = self
-            .alice
-            .messages(&self.room, &[("dir", "b"), ("limit", "50")])
-            .await?;
-        Ok(m["chunk"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-            .collect())
+impl Setup {
+    /// A message from `sender` (a user of B) built on the room's latest event, signed by
+    /// `signer` as B.
+    async fn message(&self, sender: &str, body: &str, signer: &Peer) -> anyhow::Result<Value> {
+        signer
+            .event_on_latest(&self.alice, &self.room, sender, message_event(body)?)
+            .await
     }
 }
 
-async fn setup() -> anyhow::Result<Peer> {
+async fn setup() -> anyhow::Result<Setup> {
     let a = TestServer::start_federating(Backend::Sqlite, &[]).await?;
     let b = TestServer::start_federating(Backend::Sqlite, &[]).await?;
     let alice = a.register("alice", "alice-password").await?;
@@ -163,12 +40,11 @@ async fn setup() -> anyhow::Result<Peer> {
         .create_room(&json!({"preset": "public_chat", "room_alias_name": "bad"}))
         .await?;
     bob.join(&format!("#bad:{}", a.server_name())).await?;
-    let key = SigningKey::load_or_generate(&b.data_dir().join("signing.key"))?;
-    Ok(Peer {
+    let peer = Peer::new(&b)?;
+    Ok(Setup {
         a,
         b,
-        key,
-        http: insecure_https_client()?,
+        peer,
         room,
         alice,
     })
@@ -182,29 +58,36 @@ async fn bad_requests_and_events_are_refused() -> anyhow::Result<()> {
 
     // No signature, a forged signature, a request meant for another server.
     let (status, body) = p
-        .request(http::Method::GET, version_path, None, None, None)
+        .peer
+        .raw_request(&p.a, http::Method::GET, version_path, None, None)
         .await?;
     assert_eq!(
         (status, body["errcode"].as_str()),
         (401, Some("M_UNAUTHORIZED"))
     );
-    let forged =
-        Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), p.key.pair.version().to_owned())?;
+    let forged = p.peer.impostor_key()?;
     let (status, body) = p
-        .request(http::Method::GET, version_path, None, Some(&forged), None)
-        .await?;
-    assert_eq!(
-        (status, body["errcode"].as_str()),
-        (401, Some("M_UNAUTHORIZED"))
-    );
-    let elsewhere = OwnedServerName::try_from("elsewhere.example")?;
-    let (status, body) = p
-        .request(
+        .peer
+        .raw_request(
+            &p.a,
             http::Method::GET,
             version_path,
             None,
-            Some(&p.key.pair),
-            Some(&elsewhere),
+            Some((&forged, p.a.server_name())),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (401, Some("M_UNAUTHORIZED"))
+    );
+    let (status, body) = p
+        .peer
+        .raw_request(
+            &p.a,
+            http::Method::GET,
+            version_path,
+            None,
+            Some((&p.peer.key().pair, "elsewhere.example")),
         )
         .await?;
     assert_eq!(
@@ -214,34 +97,37 @@ async fn bad_requests_and_events_are_refused() -> anyhow::Result<()> {
 
     // A body that is not JSON; a transaction over 50 PDUs.
     let (status, body) = p
-        .request(
+        .peer
+        .raw_request(
+            &p.a,
             http::Method::PUT,
             "/_matrix/federation/v1/send/notjson",
             Some(b"{not json"),
-            Some(&p.key.pair),
-            None,
+            Some((&p.peer.key().pair, p.a.server_name())),
         )
         .await?;
     assert_eq!(
         (status, body["errcode"].as_str()),
         (400, Some("M_NOT_JSON"))
     );
-    let good = p.message(&bob_id, "one of many", &p.key).await?;
-    let (status, body) = p.send_txn("too-many", vec![good.clone(); 51]).await?;
+    let good = p.message(&bob_id, "one of many", &p.peer).await?;
+    let (status, body) = p
+        .peer
+        .send_txn(&p.a, "too-many", &vec![good.clone(); 51])
+        .await?;
     assert_eq!(
         (status, body["errcode"].as_str()),
         (400, Some("M_BAD_JSON"))
     );
-    assert!(!p
-        .timeline_bodies()
+    assert!(!messages(&p.alice, &p.room)
         .await?
         .contains(&"one of many".to_owned()));
 
     // An event signed with a key that is not B's: refused, not stored.
-    let wrong_key = SigningKey::load_or_generate(&tempfile_dir()?.join("other.key"))?;
+    let wrong_key = p.peer.with_new_key()?;
     let forged_event = p.message(&bob_id, "forged", &wrong_key).await?;
-    let forged_id = event_id_in(&p, &forged_event).await?;
-    let (status, body) = p.send_txn("forged", vec![forged_event]).await?;
+    let forged_id = event_id(&forged_event)?;
+    let (status, body) = p.peer.send_txn(&p.a, "forged", &[forged_event]).await?;
     assert_eq!(status, 200);
     assert!(
         body["pdus"][&forged_id]["error"].is_string(),
@@ -249,19 +135,25 @@ async fn bad_requests_and_events_are_refused() -> anyhow::Result<()> {
     );
 
     // An event whose content was changed after signing: kept in its redacted form.
-    let mut tampered = p.message(&bob_id, "original", &p.key).await?;
-    let tampered_id = event_id_in(&p, &tampered).await?;
+    let mut tampered = p.message(&bob_id, "original", &p.peer).await?;
+    let tampered_id = event_id(&tampered)?;
     tampered["content"]["body"] = json!("tampered");
-    let (status, _) = p.send_txn("tampered", vec![tampered]).await?;
+    let (status, _) = p.peer.send_txn(&p.a, "tampered", &[tampered]).await?;
     assert_eq!(status, 200);
-    let ev = eventually_event(&p.alice, &p.room, &tampered_id).await?;
+    let ev = eventually(&format!("event {tampered_id}"), || {
+        event_on(&p.alice, &p.room, &tampered_id)
+    })
+    .await?;
     assert_eq!(ev["content"], json!({}), "stored redacted: {ev}");
 
     // An event from a user of B who is not in the room: fails the auth rules.
     let mallory = format!("@mallory:{}", p.b.server_name());
-    let unauthorised = p.message(&mallory, "let me in", &p.key).await?;
-    let unauth_id = event_id_in(&p, &unauthorised).await?;
-    let (status, body) = p.send_txn("unauthorised", vec![unauthorised]).await?;
+    let unauthorised = p.message(&mallory, "let me in", &p.peer).await?;
+    let unauth_id = event_id(&unauthorised)?;
+    let (status, body) = p
+        .peer
+        .send_txn(&p.a, "unauthorised", &[unauthorised])
+        .await?;
     assert_eq!(status, 200);
     assert!(body["pdus"][&unauth_id]["error"].is_string(), "{body}");
     let r = p
@@ -279,15 +171,15 @@ async fn bad_requests_and_events_are_refused() -> anyhow::Result<()> {
     );
 
     // The same transaction ID again: answered from memory, not processed twice.
-    let (status, again) = p.send_txn("unauthorised", vec![]).await?;
+    let (status, again) = p.peer.send_txn(&p.a, "unauthorised", &[]).await?;
     assert_eq!(status, 200);
     assert!(again["pdus"][&unauth_id]["error"].is_string());
 
     // A good event still goes through, and the client API still answers.
-    let fine = p.message(&bob_id, "all fine", &p.key).await?;
-    let (status, body) = p.send_txn("fine", vec![fine]).await?;
+    let fine = p.message(&bob_id, "all fine", &p.peer).await?;
+    let (status, body) = p.peer.send_txn(&p.a, "fine", &[fine]).await?;
     assert_eq!(status, 200, "{body}");
-    let bodies = p.timeline_bodies().await?;
+    let bodies = messages(&p.alice, &p.room).await?;
     assert!(bodies.contains(&"all fine".to_owned()), "{bodies:?}");
     assert!(!bodies.contains(&"forged".to_owned()));
     assert!(!bodies.contains(&"tampered".to_owned()));
@@ -304,18 +196,9 @@ async fn server_acl_denies_a_server() -> anyhow::Result<()> {
     let p = setup().await?;
     let bob_id = p.b.user_id("bob");
     let state_ids = format!("/_matrix/federation/v1/state_ids/{}", enc(&p.room));
-    let latest = p
-        .alice
-        .messages(&p.room, &[("dir", "b"), ("limit", "1")])
-        .await?;
-    let latest_id = latest["chunk"][0]["event_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let latest_id = latest(&p.alice, &p.room).await?;
     let state_ids = format!("{state_ids}?event_id={}", enc(&latest_id));
-    let (status, _) = p
-        .request(http::Method::GET, &state_ids, None, Some(&p.key.pair), None)
-        .await?;
+    let (status, _) = p.peer.get(&p.a, &state_ids).await?;
     assert_eq!(status, 200, "B may read the room before the ACL");
 
     p.alice
@@ -326,9 +209,7 @@ async fn server_acl_denies_a_server() -> anyhow::Result<()> {
             &json!({"allow": ["*"], "deny": ["127.0.0.1"], "allow_ip_literals": true}),
         )
         .await?;
-    let (status, body) = p
-        .request(http::Method::GET, &state_ids, None, Some(&p.key.pair), None)
-        .await?;
+    let (status, body) = p.peer.get(&p.a, &state_ids).await?;
     assert_eq!(
         (status, body["errcode"].as_str()),
         (403, Some("M_FORBIDDEN")),
@@ -339,17 +220,15 @@ async fn server_acl_denies_a_server() -> anyhow::Result<()> {
         enc(&p.room),
         enc(&format!("@newcomer:{}", p.b.server_name()))
     );
-    let (status, body) = p
-        .request(http::Method::GET, &make_join, None, Some(&p.key.pair), None)
-        .await?;
+    let (status, body) = p.peer.get(&p.a, &make_join).await?;
     assert_eq!(
         (status, body["errcode"].as_str()),
         (403, Some("M_FORBIDDEN")),
         "make_join: {body}"
     );
-    let denied = p.message(&bob_id, "from a denied server", &p.key).await?;
-    let denied_id = event_id_in(&p, &denied).await?;
-    let (status, body) = p.send_txn("acl", vec![denied]).await?;
+    let denied = p.message(&bob_id, "from a denied server", &p.peer).await?;
+    let denied_id = event_id(&denied)?;
+    let (status, body) = p.peer.send_txn(&p.a, "acl", &[denied]).await?;
     assert_eq!(status, 200);
     assert!(
         body["pdus"][&denied_id]["error"]
@@ -374,51 +253,8 @@ async fn server_acl_denies_a_server() -> anyhow::Result<()> {
     carol
         .send_message(&p.room, "from an allowed server")
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !p
-        .timeline_bodies()
-        .await?
-        .contains(&"from an allowed server".to_owned())
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "C's message never reached A:\n{}",
-            c.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(e) = wait_for_message(&p.alice, &p.room, "from an allowed server").await {
+        anyhow::bail!("C's message never reached A ({e}):\n{}", c.log_tail(40));
     }
     Ok(())
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("myelin-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let _ = std::fs::remove_file(dir.join("other.key"));
-    Ok(dir)
-}
-
-/// The event ID of a signed event (its reference hash), as the server computes it.
-async fn event_id_in(_p: &Peer, event: &Value) -> anyhow::Result<String> {
-    let obj = match myelin_core::ruma::CanonicalJsonValue::try_from(event.clone())? {
-        myelin_core::ruma::CanonicalJsonValue::Object(o) => o,
-        _ => anyhow::bail!("not an object"),
-    };
-    let pdu = myelin_core::server::pdu_from_federation(&obj, &RoomVersionId::V12)?;
-    Ok(pdu.event_id.to_string())
-}
-
-async fn eventually_event(client: &Client, room: &str, id: &str) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = client
-            .get(&format!("/rooms/{}/event/{}", enc(room), enc(id)))
-            .await?;
-        if r.status == 200 {
-            return Ok(r.body);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("event {id} never appeared: {:?}", r.body);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

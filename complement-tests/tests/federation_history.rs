@@ -21,35 +21,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use complement_tests::{enc, insecure_https_client, ok, Backend, Client, TestServer};
+use complement_tests::federation::{event_id, eventually, message_event, wait_membership, WAIT};
+use complement_tests::{enc, ok, pair_tests, Client, Peer, TestServer};
 use myelin_core::{
-    keys::SigningKey,
-    pdu::{build_pdu, rules_for, EventFrame, NewEvent},
-    ruma::{
-        signatures::Ed25519KeyPair, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-        OwnedServerName, OwnedUserId, RoomVersionId,
-    },
+    pdu::rules_for,
+    ruma::{MilliSecondsSinceUnixEpoch, RoomVersionId},
 };
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Every event `client` sees in the room, newest first, paginating `/messages` backwards
 /// from `from` (or the end) in pages of `page` until there is no `end` token.
@@ -82,19 +60,6 @@ fn ids(events: &[Value]) -> Vec<String> {
         .iter()
         .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
         .collect()
-}
-
-async fn wait_membership(
-    client: &Client,
-    room: &str,
-    user: &str,
-    want: &str,
-) -> anyhow::Result<()> {
-    eventually(&format!("{user} to be {want}"), || async {
-        let r = client.get_state(room, "m.room.member", user).await?;
-        Ok((r.status == 200 && r.body["membership"] == want).then_some(()))
-    })
-    .await
 }
 
 /// A connection to a test server's database.
@@ -146,13 +111,6 @@ async fn backward_extremities(server: &TestServer, room: &str) -> anyhow::Result
     .await?;
     db.close().await;
     Ok(rows)
-}
-
-async fn pair(backend: Backend) -> anyhow::Result<(TestServer, TestServer)> {
-    let env = [("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")];
-    let a = TestServer::start_federating(backend, &env).await?;
-    let b = TestServer::start_federating(backend, &env).await?;
-    Ok((a, b))
 }
 
 async fn backfill_to_the_start(a: TestServer, b: TestServer) -> anyhow::Result<()> {
@@ -507,37 +465,12 @@ impl Drop for FakeServer {
 /// An event as A serves it over federation, fetched by the test signing as B (whose user is
 /// in the room).
 async fn federation_event(a: &TestServer, b: &TestServer, id: &str) -> anyhow::Result<Value> {
-    let key = SigningKey::load_or_generate(&b.data_dir().join("signing.key"))?;
     let path = format!("/_matrix/federation/v1/event/{}", enc(id));
-    let header = myelin_federation::client::x_matrix_header(
-        &OwnedServerName::try_from(b.server_name())?,
-        &OwnedServerName::try_from(a.server_name())?,
-        &key.pair,
-        &http::Method::GET,
-        &path,
-        &[],
-    )?;
-    let url = format!("{}{path}", a.federation_url().unwrap_or_default());
-    let resp = insecure_https_client()?
-        .get(url)
-        .header("Authorization", header)
-        .send()
-        .await?;
-    let body: Value = resp.json().await?;
+    let (_, body) = Peer::new(b)?.get(a, &path).await?;
     body["pdus"][0]
         .as_object()
         .map(|o| Value::Object(o.clone()))
         .ok_or_else(|| anyhow::anyhow!("no event in {body}"))
-}
-
-/// The event ID of a signed room v12 event (its reference hash).
-fn event_id(event: &Value) -> anyhow::Result<String> {
-    let obj = match myelin_core::ruma::CanonicalJsonValue::try_from(event.clone())? {
-        myelin_core::ruma::CanonicalJsonValue::Object(o) => o,
-        _ => anyhow::bail!("not an object"),
-    };
-    let pdu = myelin_core::server::pdu_from_federation(&obj, &RoomVersionId::V12)?;
-    Ok(pdu.event_id.to_string())
 }
 
 async fn bad_backfill_answers(a: TestServer, b: TestServer) -> anyhow::Result<()> {
@@ -558,9 +491,8 @@ async fn bad_backfill_answers(a: TestServer, b: TestServer) -> anyhow::Result<()
     // same event ID, a forged signature.
     let genuine = federation_event(&a, &b, &latest).await?;
     let mut forged = genuine.clone();
-    let a_key = SigningKey::load_or_generate(&a.data_dir().join("signing.key"))?;
-    let impostor =
-        Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), a_key.pair.version().to_owned())?;
+    let as_a = Peer::new(&a)?;
+    let impostor = as_a.impostor_key()?;
     let mut unsigned_copy = genuine.clone();
     if let Some(o) = unsigned_copy.as_object_mut() {
         o.remove("signatures");
@@ -577,30 +509,15 @@ async fn bad_backfill_answers(a: TestServer, b: TestServer) -> anyhow::Result<()
     assert_ne!(forged["signatures"], genuine["signatures"]);
     assert_eq!(event_id(&forged)?, latest, "the forgery keeps the event ID");
     // An event of another room, properly signed by A.
-    let rules = rules_for(&RoomVersionId::V12)?;
-    let other_room_id = OwnedRoomId::try_from(other_room.as_str())?;
-    let alice_id = OwnedUserId::try_from(a.user_id("alice"))?;
-    let prev = OwnedEventId::try_from(latest.as_str())?;
-    let elsewhere = build_pdu(
-        NewEvent::message(
-            "m.room.message",
-            json!({"msgtype": "m.text", "body": "elsewhere"}),
-        )?,
-        &EventFrame {
-            room_id: &other_room_id,
-            version: &RoomVersionId::V12,
-            rules: &rules,
-            sender: &alice_id,
-            prev_events: &[prev],
-            auth_events: &[],
-            depth: 3,
-            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
-        },
-        a.server_name(),
-        &a_key,
+    let elsewhere = as_a.build(
+        &other_room,
+        &a.user_id("alice"),
+        &latest,
+        &[],
+        3,
+        message_event("elsewhere")?,
     )?;
-    let elsewhere_id = elsewhere.event_id.to_string();
-    let elsewhere: Value = serde_json::from_str(elsewhere.json.get())?;
+    let elsewhere_id = event_id(&elsewhere)?;
 
     // A is replaced by the fake, which answers every backfill with these.
     a.stop(Duration::from_secs(10)).await?;
@@ -640,45 +557,7 @@ async fn bad_backfill_answers(a: TestServer, b: TestServer) -> anyhow::Result<()
     Ok(())
 }
 
-/// Runs a scenario; on failure (an error or a failed assertion) both servers' logs are printed.
-async fn run<F, Fut>(backend: Backend, scenario: F) -> anyhow::Result<()>
-where
-    F: FnOnce(TestServer, TestServer) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    use futures::FutureExt;
-    let (a, b) = pair(backend).await?;
-    let result = std::panic::AssertUnwindSafe(scenario(a.clone(), b.clone()))
-        .catch_unwind()
-        .await;
-    if !matches!(result, Ok(Ok(()))) {
-        eprintln!("---- server A ----");
-        a.print_log_tail();
-        eprintln!("---- server B ----");
-        b.print_log_tail();
-    }
-    match result {
-        Ok(r) => r,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-macro_rules! both {
-    ($($name:ident),*) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
-                super::run(complement_tests::Backend::Sqlite, super::$name).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
-                super::run(complement_tests::Backend::Postgres, super::$name).await
-            })*
-        }
-    };
-}
-
-both!(
+pair_tests!(
     backfill_to_the_start,
     gap_after_an_outage,
     bad_backfill_answers

@@ -5,63 +5,14 @@
 //! event they redact (the test acting as the peer servers with their own keys): applied once
 //! the target arrives when they qualify, never when they do not.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use complement_tests::{assert_error, enc, insecure_https_client, ok, Backend, Client, TestServer};
-use myelin_core::{
-    keys::SigningKey,
-    pdu::{build_pdu, rules_for, EventFrame, NewEvent},
-    ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId},
+use complement_tests::federation::{
+    event_id, event_on, latest, membership, message_event, redaction_event, start,
+    wait_for_message, wait_membership, WAIT,
 };
+use complement_tests::{assert_error, enc, ok, pair_tests, Backend, Client, Peer, TestServer};
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Polls `check` until it gives `Some`, or fails after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn start(backend: Backend) -> anyhow::Result<TestServer> {
-    TestServer::start_federating(
-        backend,
-        &[("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")],
-    )
-    .await
-}
-
-async fn membership(client: &Client, room: &str, user: &str) -> anyhow::Result<Option<String>> {
-    let r = client.get_state(room, "m.room.member", user).await?;
-    if r.status != 200 {
-        return Ok(None);
-    }
-    Ok(r.body["membership"].as_str().map(str::to_owned))
-}
-
-async fn wait_membership(
-    client: &Client,
-    room: &str,
-    user: &str,
-    want: &str,
-) -> anyhow::Result<()> {
-    eventually(&format!("{user} to be {want}"), || async {
-        Ok((membership(client, room, user).await?.as_deref() == Some(want)).then_some(()))
-    })
-    .await
-}
 
 /// The `name` of each entry of a `chunk` or `rooms` list.
 fn names(list: &Value) -> Vec<String> {
@@ -383,7 +334,7 @@ async fn space_hierarchy_across_servers(a: TestServer, b: TestServer) -> anyhow:
 
     // The federation endpoint itself, asked as B: the private child is inaccessible, B's
     // room (which A is not in) is left out.
-    let peer = FedPeer::new(&b)?;
+    let peer = Peer::new(&b)?;
     let (status, fed) = peer
         .get(
             &a,
@@ -481,18 +432,7 @@ async fn create_room_inviting_a_remote_user(a: TestServer, b: TestServer) -> any
     alice.join(&room).await?;
     wait_membership(&bob, &room, &alice_id, "join").await?;
     bob.send_message(&room, "welcome").await?;
-    eventually("the message on A", || async {
-        let m = alice
-            .messages(&room, &[("dir", "b"), ("limit", "20")])
-            .await?;
-        Ok(m["chunk"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["content"]["body"] == "welcome")
-            .then_some(()))
-    })
-    .await?;
+    wait_for_message(&alice, &room, "welcome").await?;
     // A remote invitee whose server cannot be reached does not stop the room being made.
     let lonely = bob
         .create_room(&json!({"preset": "private_chat", "invite": ["@nobody:127.0.0.1:1"]}))
@@ -505,174 +445,6 @@ async fn create_room_inviting_a_remote_user(a: TestServer, b: TestServer) -> any
 }
 
 // Late redactions (the test acts as the peer servers) ------------------------------------------
-
-/// Signs federation requests and events as a test server, with its own key.
-struct FedPeer {
-    name: String,
-    key: SigningKey,
-    http: reqwest::Client,
-}
-
-impl FedPeer {
-    fn new(server: &TestServer) -> anyhow::Result<Self> {
-        Ok(FedPeer {
-            name: server.server_name().to_owned(),
-            key: SigningKey::load_or_generate(&server.data_dir().join("signing.key"))?,
-            http: insecure_https_client()?,
-        })
-    }
-
-    async fn request(
-        &self,
-        to: &TestServer,
-        method: http::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, Value)> {
-        let origin = myelin_core::ruma::OwnedServerName::try_from(self.name.as_str())?;
-        let dest = myelin_core::ruma::OwnedServerName::try_from(to.server_name())?;
-        let bytes = body.map(serde_json::to_vec).transpose()?;
-        let header = myelin_federation::client::x_matrix_header(
-            &origin,
-            &dest,
-            &self.key.pair,
-            &method,
-            path,
-            bytes.as_deref().unwrap_or_default(),
-        )?;
-        let url = format!(
-            "{}{path}",
-            to.federation_url()
-                .ok_or_else(|| anyhow::anyhow!("not federating"))?
-        );
-        let mut req = self
-            .http
-            .request(
-                reqwest::Method::from_bytes(method.as_str().as_bytes())?,
-                url,
-            )
-            .header("Authorization", header);
-        if let Some(b) = bytes {
-            req = req.header("Content-Type", "application/json").body(b);
-        }
-        let resp = req.send().await?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
-    }
-
-    async fn get(&self, to: &TestServer, path: &str) -> anyhow::Result<(u16, Value)> {
-        self.request(to, http::Method::GET, path, None).await
-    }
-
-    /// Sends one PDU to `to` in a transaction; the per-PDU result.
-    async fn send(&self, to: &TestServer, pdu: &Value) -> anyhow::Result<Value> {
-        let id = event_id(pdu)?;
-        let body = json!({
-            "origin": self.name,
-            "origin_server_ts": MilliSecondsSinceUnixEpoch::now().0,
-            "pdus": [pdu],
-        });
-        let (status, answer) = self
-            .request(
-                to,
-                http::Method::PUT,
-                &format!("/_matrix/federation/v1/send/{}", enc(&id)),
-                Some(&body),
-            )
-            .await?;
-        anyhow::ensure!(status == 200, "send answered {status}: {answer}");
-        Ok(answer["pdus"][&id].clone())
-    }
-
-    /// An event of `sender` (a user of this server) in a v12 room, on top of `prev`, with the
-    /// power levels and the sender's membership as auth events (read from `reader`'s view).
-    async fn event(
-        &self,
-        reader: &Client,
-        room: &str,
-        sender: &str,
-        prev: &str,
-        event: NewEvent,
-    ) -> anyhow::Result<Value> {
-        let state = reader.room_state(room).await?;
-        let id_of = |ty: &str, sk: &str| -> Option<OwnedEventId> {
-            state
-                .iter()
-                .find(|e| e["type"] == ty && e["state_key"] == sk)
-                .and_then(|e| e["event_id"].as_str())
-                .and_then(|i| OwnedEventId::try_from(i).ok())
-        };
-        let mut auth: Vec<OwnedEventId> = [
-            id_of("m.room.power_levels", ""),
-            id_of("m.room.member", sender),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        auth.sort();
-        let version = RoomVersionId::V12;
-        let rules = rules_for(&version)?;
-        let room_id = OwnedRoomId::try_from(room)?;
-        let sender = OwnedUserId::try_from(sender)?;
-        let frame = EventFrame {
-            room_id: &room_id,
-            version: &version,
-            rules: &rules,
-            sender: &sender,
-            prev_events: &[OwnedEventId::try_from(prev)?],
-            auth_events: &auth,
-            depth: 1000,
-            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
-        };
-        let pdu = build_pdu(event, &frame, &self.name, &self.key)?;
-        Ok(serde_json::from_str(pdu.json.get())?)
-    }
-}
-
-/// The event ID of a signed v12 event (its reference hash).
-fn event_id(event: &Value) -> anyhow::Result<String> {
-    let obj = match myelin_core::ruma::CanonicalJsonValue::try_from(event.clone())? {
-        myelin_core::ruma::CanonicalJsonValue::Object(o) => o,
-        _ => anyhow::bail!("not an object"),
-    };
-    let pdu = myelin_core::server::pdu_from_federation(&obj, &RoomVersionId::V12)?;
-    Ok(pdu.event_id.to_string())
-}
-
-fn message(body: &str) -> anyhow::Result<NewEvent> {
-    Ok(NewEvent::message(
-        "m.room.message",
-        json!({"msgtype": "m.text", "body": body}),
-    )?)
-}
-
-fn redaction(target: &str) -> anyhow::Result<NewEvent> {
-    let mut e = NewEvent::message("m.room.redaction", json!({"reason": "late"}))?;
-    e.redacts = Some(OwnedEventId::try_from(target)?);
-    Ok(e)
-}
-
-/// The latest event of the room as `client` sees it.
-async fn latest(client: &Client, room: &str) -> anyhow::Result<String> {
-    let m = client
-        .messages(room, &[("dir", "b"), ("limit", "1")])
-        .await?;
-    m["chunk"][0]["event_id"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("no events: {m}"))
-}
-
-async fn event_on(client: &Client, room: &str, id: &str) -> anyhow::Result<Option<Value>> {
-    let r = client
-        .get(&format!("/rooms/{}/event/{}", enc(room), enc(id)))
-        .await?;
-    Ok((r.status == 200).then_some(r.body))
-}
 
 async fn late_redactions(backend: Backend) -> anyhow::Result<()> {
     let a = start(backend).await?;
@@ -699,23 +471,29 @@ async fn late_redactions_on(a: &TestServer, b: &TestServer, c: &TestServer) -> a
     carol.join(&format!("#late:{}", a.server_name())).await?;
     wait_membership(&alice, &room, &bob_id, "join").await?;
     wait_membership(&alice, &room, &carol_id, "join").await?;
-    let (pb, pc) = (FedPeer::new(b)?, FedPeer::new(c)?);
+    let (pb, pc) = (Peer::new(b)?, Peer::new(c)?);
 
     // Bob (power 0) redacts an event of his own server and one of Carol's, both before A has
     // them.
     let base = latest(&alice, &room).await?;
     let carols = pc
-        .event(&alice, &room, &carol_id, &base, message("carol's words")?)
+        .event(
+            &alice,
+            &room,
+            &carol_id,
+            &base,
+            message_event("carol's words")?,
+        )
         .await?;
     let bobs = pb
-        .event(&alice, &room, &bob_id, &base, message("bob's words")?)
+        .event(&alice, &room, &bob_id, &base, message_event("bob's words")?)
         .await?;
     let (carols_id, bobs_id) = (event_id(&carols)?, event_id(&bobs)?);
     let r_carol = pb
-        .event(&alice, &room, &bob_id, &base, redaction(&carols_id)?)
+        .event(&alice, &room, &bob_id, &base, redaction_event(&carols_id)?)
         .await?;
     let r_bob = pb
-        .event(&alice, &room, &bob_id, &base, redaction(&bobs_id)?)
+        .event(&alice, &room, &bob_id, &base, redaction_event(&bobs_id)?)
         .await?;
     let (r_carol_id, r_bob_id) = (event_id(&r_carol)?, event_id(&r_bob)?);
     assert_eq!(pb.send(a, &r_carol).await?, json!({}), "redaction accepted");
@@ -775,11 +553,17 @@ async fn late_redactions_on(a: &TestServer, b: &TestServer, c: &TestServer) -> a
         .await?;
     let base = latest(&alice, &room).await?;
     let carols2 = pc
-        .event(&alice, &room, &carol_id, &base, message("carol again")?)
+        .event(
+            &alice,
+            &room,
+            &carol_id,
+            &base,
+            message_event("carol again")?,
+        )
         .await?;
     let carols2_id = event_id(&carols2)?;
     let r2 = pb
-        .event(&alice, &room, &bob_id, &base, redaction(&carols2_id)?)
+        .event(&alice, &room, &bob_id, &base, redaction_event(&carols2_id)?)
         .await?;
     assert_eq!(pb.send(a, &r2).await?, json!({}));
     assert_eq!(pc.send(a, &carols2).await?, json!({}));
@@ -802,51 +586,9 @@ async fn late_redactions_on(a: &TestServer, b: &TestServer, c: &TestServer) -> a
     Ok(())
 }
 
-// Runner -----------------------------------------------------------------------------------------
-
-/// Runs a two-server scenario; on failure both servers' logs are printed.
-async fn run<F, Fut>(backend: Backend, scenario: F) -> anyhow::Result<()>
-where
-    F: FnOnce(TestServer, TestServer) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let a = start(backend).await?;
-    let b = start(backend).await?;
-    let result = scenario(a.clone(), b.clone()).await;
-    if result.is_err() {
-        eprintln!("---- server A ----");
-        a.print_log_tail();
-        eprintln!("---- server B ----");
-        b.print_log_tail();
-    }
-    result
-}
-
-macro_rules! both {
-    ($($name:ident),*) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
-                super::run(complement_tests::Backend::Sqlite, super::$name).await
-            })*
-            #[tokio::test]
-            async fn late_redactions() -> anyhow::Result<()> {
-                super::late_redactions(complement_tests::Backend::Sqlite).await
-            }
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() -> anyhow::Result<()> {
-                super::run(complement_tests::Backend::Postgres, super::$name).await
-            })*
-            #[tokio::test]
-            async fn late_redactions() -> anyhow::Result<()> {
-                super::late_redactions(complement_tests::Backend::Postgres).await
-            }
-        }
-    };
-}
-
-both!(
+pair_tests!(
     public_rooms_of_another_server,
     space_hierarchy_across_servers,
-    create_room_inviting_a_remote_user
+    create_room_inviting_a_remote_user;
+    per_backend: late_redactions
 );

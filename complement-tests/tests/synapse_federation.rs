@@ -7,113 +7,11 @@
 
 use std::time::{Duration, Instant};
 
+use complement_tests::federation::{
+    eventually, same_state, start, state_event, wait_for_message, wait_membership, wait_state, WAIT,
+};
 use complement_tests::{enc, ok, Backend, Client, Synapse, TestServer};
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Polls `check` until it gives `Some`, or fails after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    complement_tests::eventually(what, WAIT, check).await
-}
-
-/// The bodies of `m.room.message` events in the room, oldest first.
-async fn messages(client: &Client, room: &str) -> anyhow::Result<Vec<String>> {
-    let body = ok(client
-        .get(&format!("/rooms/{}/messages?dir=b&limit=100", enc(room)))
-        .await?);
-    let mut out: Vec<String> = body["chunk"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["type"] == "m.room.message")
-        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-        .collect();
-    out.reverse();
-    Ok(out)
-}
-
-async fn wait_for_message(client: &Client, room: &str, text: &str) -> anyhow::Result<()> {
-    eventually(
-        &format!("message {text:?} at {}", client.base_url()),
-        || async {
-            Ok(messages(client, room)
-                .await?
-                .iter()
-                .any(|m| m == text)
-                .then_some(()))
-        },
-    )
-    .await
-}
-
-async fn state_event(client: &Client, room: &str, ty: &str, key: &str) -> anyhow::Result<Value> {
-    let r = client.get_state(room, ty, key).await?;
-    Ok(if r.status == 200 { r.body } else { Value::Null })
-}
-
-async fn wait_state(
-    client: &Client,
-    room: &str,
-    ty: &str,
-    key: &str,
-    want: impl Fn(&Value) -> bool,
-) -> anyhow::Result<()> {
-    eventually(&format!("{ty}/{key} at {}", client.base_url()), || async {
-        Ok(want(&state_event(client, room, ty, key).await?).then_some(()))
-    })
-    .await
-}
-
-async fn wait_membership(
-    client: &Client,
-    room: &str,
-    user: &str,
-    want: &str,
-) -> anyhow::Result<()> {
-    wait_state(client, room, "m.room.member", user, |c| {
-        c["membership"] == want
-    })
-    .await
-}
-
-/// The room's current state as `(type, state_key, event_id)`, sorted.
-async fn state_ids(client: &Client, room: &str) -> anyhow::Result<Vec<(String, String, String)>> {
-    let mut out: Vec<(String, String, String)> = client
-        .room_state(room)
-        .await?
-        .into_iter()
-        .map(|e| {
-            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
-            (s("type"), s("state_key"), s("event_id"))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-/// Both servers report the same current state (same event for every key).
-async fn same_state(x: &Client, y: &Client, room: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (sx, sy) = (state_ids(x, room).await?, state_ids(y, room).await?);
-        if sx == sy {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "the servers disagree on the state:\n{}: {sx:#?}\n{}: {sy:#?}",
-                x.base_url(),
-                y.base_url()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn kick(client: &Client, room: &str, user: &str) -> anyhow::Result<()> {
     ok(client
@@ -649,11 +547,7 @@ fn room_version_at_least(version: &str, min: u32) -> bool {
 }
 
 async fn start_pair(backend: Backend) -> anyhow::Result<(TestServer, Synapse)> {
-    let env = [("MYELIN_LOG", "info,ruma_state_res=warn,tower_http=warn")];
-    let (myelin, synapse) = tokio::try_join!(
-        TestServer::start_federating(backend, &env),
-        Synapse::start()
-    )?;
+    let (myelin, synapse) = tokio::try_join!(start(backend), Synapse::start())?;
     Ok((myelin, synapse))
 }
 
