@@ -30,7 +30,8 @@
 //! - Binary: `$MYELIN_BIN` if set; otherwise `cargo build -p myelin --bin
 //!   myelin` is run once per test process (with `$CARGO`, else `cargo`, in
 //!   the workspace directory, honouring `CARGO_TARGET_DIR`) and the
-//!   executable cargo reports is used. Running cargo from inside `cargo
+//!   executable cargo reports is used (`--release` when the harness itself
+//!   is a release build, as the benchmark programs are). Running cargo from inside `cargo
 //!   test` is fine: cargo releases its build-directory lock before it runs
 //!   the test binaries.
 //! - Environment: `MYELIN_SERVER_NAME=localhost:<port>`,

@@ -631,22 +631,28 @@ pub fn myelin_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs `cargo build -p myelin --bin myelin` in the workspace and returns the
-/// executable path cargo reports.
+/// executable path cargo reports. A release build of the harness (the
+/// benchmark programs) builds a release server.
 fn build_myelin() -> anyhow::Result<PathBuf> {
+    let release = !cfg!(debug_assertions);
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("complement-tests has no parent directory")?
         .to_path_buf();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "myelin",
-            "--bin",
-            "myelin",
-            "--message-format=json-render-diagnostics",
-        ])
+    let mut command = Command::new(&cargo);
+    command.args([
+        "build",
+        "-p",
+        "myelin",
+        "--bin",
+        "myelin",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if release {
+        command.arg("--release");
+    }
+    let output = command
         .current_dir(&workspace)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -675,7 +681,9 @@ fn build_myelin() -> anyhow::Result<PathBuf> {
         Some(dir) => workspace.join(dir),
         None => workspace.join("target"),
     };
-    let path = target.join("debug").join("myelin");
+    let path = target
+        .join(if release { "release" } else { "debug" })
+        .join("myelin");
     if path.is_file() {
         Ok(path)
     } else {

@@ -112,16 +112,6 @@ struct Args {
     /// Users joining each of those public rooms.
     #[arg(long, default_value_t = 10)]
     joiners: usize,
-    /// A second Myelin federating with the first (its client URL), for the `federation`
-    /// scenario, which runs only when this is given.
-    #[arg(long)]
-    peer_url: Option<String>,
-    /// Members of the room the `federation` scenario joins from the peer.
-    #[arg(long, default_value_t = 1000)]
-    fed_members: usize,
-    /// Messages of the `federation` inbound-throughput measurement.
-    #[arg(long, default_value_t = 2000)]
-    fed_messages: usize,
     /// Concurrency of measured rate loops and of setup work.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -754,147 +744,6 @@ async fn send_sync_latency(cx: &Ctx) -> Result<Value> {
     }))
 }
 
-/// Scenario (with `--peer-url`): federation between the target and a peer Myelin.
-/// 1. send on the target → the peer's long-poll has it (latency);
-/// 2. a user of the peer joins a room of `--fed-members` members on the target (time of the
-///    join request);
-/// 3. the target's users send `--fed-messages` messages as fast as it takes them; time until
-///    the peer's sync has the last (inbound PDUs persisted per second at the peer).
-async fn federation(cx: &Ctx) -> Result<Value> {
-    let api = &cx.api;
-    let peer_url = cx
-        .args
-        .peer_url
-        .as_deref()
-        .ok_or_else(|| anyhow!("--peer-url is required"))?;
-    check_loopback(peer_url)?;
-    let peer = Api::new(peer_url, &api.run_id)?;
-    let alice = api.register_many("fa", 1, 1).await?.remove(0);
-    let bob = peer.register_many("fb", 2, 2).await?;
-    let room = api.create_room(&alice, "public_chat").await?;
-    let server_of = |user: &str| {
-        user.split_once(':')
-            .map(|(_, s)| s.to_owned())
-            .unwrap_or_default()
-    };
-    let target_server = server_of(&alice.user_id);
-    let join_via = |room: &str| format!("/join/{}?server_name={}", enc(room), enc(&target_server));
-    let t = Instant::now();
-    peer.call(
-        Method::POST,
-        &join_via(&room),
-        Some(&bob[0].token),
-        Some(&json!({})),
-    )
-    .await?;
-    let small_join_ms = ms(t.elapsed());
-
-    // 1. Latency.
-    let filter = peer.room_filter(&bob[0], &room).await;
-    let (mut since, filter) = peer.initial_since(&bob[0], Some(filter)).await?;
-    let poller = Poller::new(&peer, &bob[0], filter);
-    const WARMUP: usize = 5;
-    let mut lat = Vec::with_capacity(cx.args.iterations);
-    for i in 0..cx.args.iterations + WARMUP {
-        let nonce = cx.nonce("fed", i);
-        let p = poller.clone();
-        let nb = nonce.clone();
-        let since_now = since.clone();
-        let deadline = Instant::now() + Duration::from_secs(40);
-        let waiter = tokio::spawn(async move {
-            p.until_nonce(since_now, nb.as_bytes(), 30_000, deadline, None)
-                .await
-        });
-        let _guard = AbortGuard(vec![waiter.abort_handle()]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let t0 = Instant::now();
-        api.send_text(&alice, &room, &nonce).await?;
-        let (arrived, nb) = waiter.await.context("sync task panicked")??;
-        since = nb;
-        if i >= WARMUP {
-            lat.push(ms(arrived.saturating_duration_since(t0)));
-        }
-    }
-    let latency = Stats::new(lat);
-
-    // 3. Inbound throughput (before the big room, in the same small room).
-    let n = cx.args.fed_messages;
-    let senders = api
-        .register_many("fs", cx.args.concurrency.max(1), cx.args.concurrency)
-        .await?;
-    api.join_all(&senders, &room, cx.args.concurrency).await?;
-    let last = cx.nonce("fed-last", n);
-    let p = poller.clone();
-    let nb = last.clone();
-    let since_now = since.clone();
-    let waiter = tokio::spawn(async move {
-        p.until_nonce(
-            since_now,
-            nb.as_bytes(),
-            30_000,
-            Instant::now() + Duration::from_secs(300),
-            None,
-        )
-        .await
-    });
-    let _guard = AbortGuard(vec![waiter.abort_handle()]);
-    let t0 = Instant::now();
-    let room_ref = room.as_str();
-    let senders_ref = &senders;
-    stream::iter(0..n.saturating_sub(1))
-        .map(|i| {
-            let s = &senders_ref[i % senders_ref.len()];
-            let text = cx.nonce("fed-bulk", i);
-            async move { api.send_text(s, room_ref, &text).await }
-        })
-        .buffer_unordered(cx.args.concurrency.max(1))
-        .try_collect::<Vec<()>>()
-        .await?;
-    api.send_text(&senders[0], &room, &last).await?;
-    let sent_s = t0.elapsed().as_secs_f64();
-    let (arrived, _) = waiter.await.context("sync task panicked")??;
-    let total_s = arrived.saturating_duration_since(t0).as_secs_f64();
-    let inbound_rate = n as f64 / total_s.max(1e-9);
-
-    // 2. Remote join of a big room.
-    let members = api
-        .register_many("fm", cx.args.fed_members, cx.args.concurrency)
-        .await?;
-    let big = api.create_room(&alice, "public_chat").await?;
-    api.join_all(&members, &big, cx.args.concurrency).await?;
-    let t = Instant::now();
-    peer.call(
-        Method::POST,
-        &join_via(&big),
-        Some(&bob[1].token),
-        Some(&json!({})),
-    )
-    .await?;
-    let big_join_ms = ms(t.elapsed());
-
-    let ok = latency.p50 <= 20.0 && inbound_rate >= 2000.0 && big_join_ms <= 1000.0;
-    human(
-        "federation",
-        &format!(
-            "send→remote sync p50 {:.2} ms p99 {:.2} ms; inbound {:.0} PDUs/s ({n} in {total_s:.2} s, sent in {sent_s:.2} s); join of {} members {:.0} ms (small room {:.0} ms)",
-            latency.p50, latency.p99, inbound_rate, cx.args.fed_members + 1, big_join_ms, small_join_ms
-        ),
-        "p50 ≤20 ms, ≥2,000 PDUs/s, 1,000-member join ≤1 s",
-        ok,
-    );
-    Ok(json!({
-        "send_remote_sync_latency": latency.json(),
-        "inbound_pdus_per_s": round3(inbound_rate),
-        "inbound_messages": n,
-        "inbound_send_s": round3(sent_s),
-        "inbound_total_s": round3(total_s),
-        "remote_join_members": cx.args.fed_members + 1,
-        "remote_join_ms": round3(big_join_ms),
-        "small_remote_join_ms": round3(small_join_ms),
-        "meets_target": ok,
-    }))
-}
-
 /// Scenario 2: Every (user, room) pair sends in its own loop for `--duration-secs`.
 async fn send_throughput(cx: &Ctx) -> Result<Value> {
     let api = &cx.api;
@@ -1480,7 +1329,6 @@ async fn run_scenario(name: &str, cx: &Ctx) -> Result<Value> {
         "longpoll_memory" => longpoll_memory(cx).await,
         "initial_sync" => initial_sync(cx).await,
         "room_rates" => room_rates(cx).await,
-        "federation" => federation(cx).await,
         other => bail!("unknown scenario {other}"),
     }
 }
@@ -1488,7 +1336,7 @@ async fn run_scenario(name: &str, cx: &Ctx) -> Result<Value> {
 async fn run(args: Args) -> Result<bool> {
     check_loopback(&args.url)?;
     for name in &args.only {
-        if !SCENARIOS.contains(&name.as_str()) && name != "federation" {
+        if !SCENARIOS.contains(&name.as_str()) {
             bail!("unknown scenario {name:?}; known: {}", SCENARIOS.join(", "));
         }
     }
@@ -1518,16 +1366,11 @@ async fn run(args: Args) -> Result<bool> {
             k as f64 / 1024.0
         ))
     );
-    let mut selected: Vec<&str> = SCENARIOS
+    let selected: Vec<&str> = SCENARIOS
         .iter()
         .copied()
         .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s))
         .collect();
-    if args.peer_url.is_some()
-        && (args.only.is_empty() || args.only.iter().any(|o| o == "federation"))
-    {
-        selected.push("federation");
-    }
     let cx = Ctx {
         api,
         args,

@@ -412,22 +412,7 @@ impl Server {
             }
             chains.push(set);
         }
-        let Some(state_res) = room.rules.state_res.v2_rules() else {
-            return Err(Error::internal("room version without state resolution v2"));
-        };
-        let fetch = |id: &ruma::EventId| pdus.get(id).cloned();
-        let subgraph = |conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>| {
-            Some(conflicted_subgraph(conflicted, &pdus))
-        };
-        let resolved = ruma::state_res::resolve(
-            &room.rules.authorization,
-            state_res,
-            ruma_maps.iter(),
-            chains,
-            fetch,
-            subgraph,
-        )
-        .map_err(|e| Error::internal(format!("state resolution: {e}")))?;
+        let resolved = crate::resolution::resolve(&room.rules, &ruma_maps, chains, &pdus)?;
         let mut out = StateMap::new();
         for ((ty, sk), id) in resolved {
             let k = match key_of.get(&id) {
@@ -1146,52 +1131,4 @@ impl Server {
             None => None,
         })
     }
-}
-
-/// The conflicted state subgraph (room v12): events on an auth path from one conflicted event
-/// to another.
-fn conflicted_subgraph(
-    conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>,
-    pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
-) -> EventIdSet<OwnedEventId> {
-    let targets: HashSet<&OwnedEventId> = conflicted.values().flatten().collect();
-    // reaches[e]: e reaches a conflicted event through auth_events (e itself excluded).
-    let mut reaches: HashMap<OwnedEventId, bool> = HashMap::new();
-    fn visit(
-        id: &OwnedEventId,
-        pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
-        targets: &HashSet<&OwnedEventId>,
-        reaches: &mut HashMap<OwnedEventId, bool>,
-        depth: usize,
-    ) -> bool {
-        if let Some(r) = reaches.get(id) {
-            return *r;
-        }
-        reaches.insert(id.clone(), false);
-        let mut r = false;
-        if depth < 10_000 {
-            if let Some(p) = pdus.get(id) {
-                for a in &p.auth_events {
-                    if targets.contains(a) || visit(a, pdus, targets, reaches, depth + 1) {
-                        r = true;
-                    }
-                }
-            }
-        }
-        reaches.insert(id.clone(), r);
-        r
-    }
-    let mut out = EventIdSet::new();
-    for t in &targets {
-        visit(t, pdus, &targets, &mut reaches, 0);
-    }
-    for (id, r) in &reaches {
-        if *r || targets.contains(id) {
-            out.insert(id.clone());
-        }
-    }
-    for t in targets {
-        out.insert(t.clone());
-    }
-    out
 }
