@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use complement_tests::federation::{
-    eventually, membership, messages, same_state, start, start_with, state_ids, wait_for_message,
-    wait_membership, WAIT,
+    event_id, eventually, latest, membership, message_event, messages, same_state, start,
+    start_with, state_ids, wait_for_message, wait_membership, WAIT,
 };
-use complement_tests::{ok, pair_tests, TestServer};
-use serde_json::json;
+use complement_tests::{ok, pair_tests, Peer, TestServer};
+use myelin_core::{pdu::NewEvent, ruma::OwnedEventId};
+use serde_json::{json, Value};
 
 async fn join_by_alias_and_talk(a: TestServer, b: TestServer) -> anyhow::Result<()> {
     let alice = a.register("alice", "alice-password").await?;
@@ -270,7 +271,115 @@ async fn keys_through_a_notary(n: TestServer, b: TestServer) -> anyhow::Result<(
     result
 }
 
+/// One transaction of events that build on each other (A queues each on the one before
+/// without awaiting its commit): messages, a join, a message authorised by that join, an
+/// event that fails the auth rules in the middle, and one more on top. Each gets its own
+/// outcome, and A's timeline holds exactly the accepted ones, in order.
+async fn chained_transaction(a: TestServer, b: TestServer) -> anyhow::Result<()> {
+    let alice = a.register("alice", "alice-password").await?;
+    let bob = b.register("bob", "bob-password").await?;
+    let bob_id = b.user_id("bob");
+    let room = alice
+        .create_room(&json!({"preset": "public_chat", "room_alias_name": "chain"}))
+        .await?;
+    bob.join(&format!("#chain:{}", a.server_name())).await?;
+    let peer = Peer::new(&b)?;
+    let state = alice.room_state(&room).await?;
+    let id_of = |ty: &str, sk: &str| -> anyhow::Result<OwnedEventId> {
+        let e = state
+            .iter()
+            .find(|e| e["type"] == ty && e["state_key"] == sk)
+            .ok_or_else(|| anyhow::anyhow!("no {ty} {sk} in A's state"))?;
+        Ok(OwnedEventId::try_from(
+            e["event_id"].as_str().unwrap_or_default(),
+        )?)
+    };
+    let pl = id_of("m.room.power_levels", "")?;
+    let bob_member = id_of("m.room.member", &bob_id)?;
+    let join_rules = id_of("m.room.join_rules", "")?;
+    let dave = b.user_id("dave");
+    let mallory = b.user_id("mallory");
+
+    let mut prev = latest(&alice, &room).await?;
+    let mut depth = 1000;
+    let mut next = |sender: &str, auth: Vec<OwnedEventId>, event: NewEvent, prev: &str| {
+        depth += 1;
+        let mut auth = auth;
+        auth.sort();
+        peer.build(&room, sender, prev, &auth, depth, event)
+    };
+    let m1 = next(
+        &bob_id,
+        vec![pl.clone(), bob_member.clone()],
+        message_event("one")?,
+        &prev,
+    )?;
+    prev = event_id(&m1)?;
+    let m2 = next(
+        &bob_id,
+        vec![pl.clone(), bob_member.clone()],
+        message_event("two")?,
+        &prev,
+    )?;
+    prev = event_id(&m2)?;
+    let join = next(
+        &dave,
+        vec![pl.clone(), join_rules],
+        NewEvent::state("m.room.member", &dave, json!({"membership": "join"}))?,
+        &prev,
+    )?;
+    let join_id = event_id(&join)?;
+    let m3 = next(
+        &dave,
+        vec![pl.clone(), OwnedEventId::try_from(join_id.as_str())?],
+        message_event("three")?,
+        &join_id,
+    )?;
+    prev = event_id(&m3)?;
+    let refused = next(&mallory, vec![pl.clone()], message_event("refused")?, &prev)?;
+    let m4 = next(&bob_id, vec![pl, bob_member], message_event("four")?, &prev)?;
+    let pdus: Vec<Value> = vec![m1, m2, join, m3, refused.clone(), m4];
+    let ids: Vec<String> = pdus.iter().map(event_id).collect::<Result<_, _>>()?;
+
+    let (status, answer) = peer.send_txn(&a, "chained", &pdus).await?;
+    assert_eq!(status, 200, "{answer}");
+    let refused_id = event_id(&refused)?;
+    for id in &ids {
+        let result = &answer["pdus"][id];
+        if *id == refused_id {
+            assert!(
+                result["error"].is_string(),
+                "{refused_id} refused: {answer}"
+            );
+        } else {
+            assert_eq!(result, &json!({}), "{id} accepted: {answer}");
+        }
+    }
+    let newest = alice.recent_event_ids(&room, 5).await?;
+    let accepted: Vec<String> = ids
+        .iter()
+        .rev()
+        .filter(|id| **id != refused_id)
+        .cloned()
+        .collect();
+    assert_eq!(
+        newest, accepted,
+        "A's timeline ends with the accepted events, in order"
+    );
+    assert_eq!(
+        membership(&alice, &room, &dave).await?.as_deref(),
+        Some("join")
+    );
+    let bodies = messages(&alice, &room).await?;
+    assert!(
+        bodies.ends_with(&["one", "two", "three", "four"].map(str::to_owned)),
+        "{bodies:?}"
+    );
+    Ok(())
+}
+
 pair_tests!(
+    chained_transaction,
     join_by_alias_and_talk,
     invite_kick_ban_leave_rejoin,
     catch_up_after_restart,

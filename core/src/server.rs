@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc, RwLock,
     },
 };
@@ -31,7 +31,7 @@ mod late_redactions;
 mod remote;
 mod restricted;
 use late_redactions::LateRedaction;
-pub use remote::{pdu_from_federation, redacted_pdu, Ingested};
+pub use remote::{pdu_from_federation, redacted_pdu, Ingested, Ingesting, QueuedIngest};
 pub use restricted::JoinAuthorisation;
 
 use crate::{
@@ -179,6 +179,10 @@ pub struct Server {
     servers: RwLock<HashMap<i64, Arc<Vec<String>>>>,
     /// Tells the federation sender which destinations have new outbox rows.
     pub outbox_signal: OutboxSignal,
+    /// Whether a redaction may be waiting for its target in `pending_redactions` (read at
+    /// start-up, set when one is queued; one process per database): while not, events skip
+    /// looking for one.
+    late_redactions: AtomicBool,
     /// Set when the server is shutting down: long-polls answer at once.
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -198,6 +202,7 @@ impl Server {
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
         let min_stream = store.min_stream_ordering().await?;
+        let late_redactions = AtomicBool::new(store.any_pending_redactions().await?);
         let server = Arc::new(Server {
             config,
             server_name,
@@ -229,6 +234,7 @@ impl Server {
             shutting_down: Default::default(),
             servers: RwLock::default(),
             outbox_signal: OutboxSignal::default(),
+            late_redactions,
         });
         tokio::spawn(run_writer(Arc::downgrade(&server), jobs));
         Ok(server)
@@ -1006,6 +1012,7 @@ impl Server {
                 write.settled_redactions.push(pdu.event_id.to_string());
             }
             if let Some(p) = &b.late.awaits {
+                self.late_redactions.store(true, Ordering::Release);
                 write.pending_redactions.push(p.clone());
                 head.awaiting_redactions.push((*pos, p.clone()));
             }

@@ -2,7 +2,7 @@
 //! both cached with bounded size. A snapshot is a map from state-key ID to event ID (numeric).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, RwLock},
 };
 
@@ -23,10 +23,18 @@ pub struct StateCache {
     groups: RwLock<HashMap<i64, (Arc<StateMap>, i64)>>,
 }
 
+/// Pairs known not to be interned, kept while this process interns none (one process per
+/// database, so every interning goes through [`StateCache::intern`]); at most this many.
+const MAX_ABSENT: usize = 10_000;
+
 #[derive(Default)]
 struct KeyMaps {
     by_pair: HashMap<(String, String), i64>,
     by_nid: HashMap<i64, (String, String)>,
+    /// Pairs the database did not have (looked up for a room without, say, a server ACL).
+    absent: HashSet<(String, String)>,
+    /// Bumped by every interning, so a lookup that raced one does not record an absence.
+    epoch: u64,
 }
 
 impl StateCache {
@@ -40,6 +48,32 @@ impl StateCache {
         Ok(nid)
     }
 
+    /// The IDs of many pairs, interning the new ones in one transaction.
+    pub async fn intern_all(&self, store: &Store, pairs: &[(String, String)]) -> Result<Vec<i64>> {
+        let new: Vec<(String, String)> = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            let mut seen = HashSet::new();
+            pairs
+                .iter()
+                .filter(|p| !keys.by_pair.contains_key(*p) && seen.insert(*p))
+                .cloned()
+                .collect()
+        };
+        for ((t, k), nid) in new.iter().zip(store.intern_state_keys(&new).await?) {
+            self.remember(nid, t, k);
+        }
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        pairs
+            .iter()
+            .map(|p| {
+                keys.by_pair
+                    .get(p)
+                    .copied()
+                    .ok_or_else(|| Error::internal("state key not interned"))
+            })
+            .collect()
+    }
+
     /// The ID of `(event_type, state_key)` if it was ever interned.
     pub async fn lookup(
         &self,
@@ -47,12 +81,29 @@ impl StateCache {
         event_type: &str,
         state_key: &str,
     ) -> Result<Option<i64>> {
-        if let Some(n) = self.cached_nid(event_type, state_key) {
-            return Ok(Some(n));
-        }
+        let pair = (event_type.to_owned(), state_key.to_owned());
+        let epoch = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = keys.by_pair.get(&pair) {
+                return Ok(Some(*n));
+            }
+            if keys.absent.contains(&pair) {
+                return Ok(None);
+            }
+            keys.epoch
+        };
         let nid = store.lookup_state_key(event_type, state_key).await?;
-        if let Some(n) = nid {
-            self.remember(n, event_type, state_key);
+        match nid {
+            Some(n) => self.remember(n, event_type, state_key),
+            None => {
+                let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                if keys.epoch == epoch {
+                    if keys.absent.len() >= MAX_ABSENT {
+                        keys.absent.clear();
+                    }
+                    keys.absent.insert(pair);
+                }
+            }
         }
         Ok(nid)
     }
@@ -66,8 +117,10 @@ impl StateCache {
 
     fn remember(&self, nid: i64, event_type: &str, state_key: &str) {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        keys.by_pair
-            .insert((event_type.to_owned(), state_key.to_owned()), nid);
+        keys.epoch += 1;
+        let pair = (event_type.to_owned(), state_key.to_owned());
+        keys.absent.remove(&pair);
+        keys.by_pair.insert(pair, nid);
         keys.by_nid
             .insert(nid, (event_type.to_owned(), state_key.to_owned()));
     }

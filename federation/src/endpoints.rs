@@ -12,12 +12,12 @@ use axum::{
     Json, Router,
 };
 use myelin_core::{
-    pdu::SUPPORTED_ROOM_VERSIONS,
+    pdu::{Pdu, SUPPORTED_ROOM_VERSIONS},
     ruma::{
         canonical_json::CanonicalJsonObject, OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId,
         ServerName,
     },
-    server::{Ingested, JoinAuthorisation},
+    server::{Ingested, Ingesting, JoinAuthorisation, QueuedIngest},
     Error, ErrorKind, RoomInfo, Server, StoredEvent,
 };
 use serde::Deserialize;
@@ -153,17 +153,52 @@ async fn send_transaction(
         ))
         .into());
     }
+    // In order; an event that extends the previous one is queued for the writer without
+    // awaiting that one's commit, so a transaction's events share the writer's commits. What
+    // refers to a queued event otherwise (as an auth event, or as a parent beside others)
+    // waits until the queued ones are written.
     let mut results = Map::new();
+    let mut queued: Vec<(String, QueuedIngest)> = Vec::new();
     for value in pdus {
-        let (id, result) = receive_pdu(fed, &origin, &value).await;
+        let (id, received) = receive_pdu(fed, &origin, &value).await;
+        let outcome = match received {
+            Err(e) => Err(e),
+            Ok((room, pdu)) => {
+                let id = pdu.event_id.to_string();
+                if queued.iter().any(|(q, _)| *q == id) {
+                    continue;
+                }
+                if pdu
+                    .auth_events
+                    .iter()
+                    .any(|a| queued.iter().any(|(q, _)| q == a.as_str()))
+                {
+                    finish_queued(fed, &origin, &mut queued, &mut results).await;
+                }
+                let mut started = fed.start_pdu(&origin, &room, pdu.clone()).await;
+                if matches!(started, Ok(Ingesting::ParentPending)) {
+                    finish_queued(fed, &origin, &mut queued, &mut results).await;
+                    started = fed
+                        .handle_pdu(&origin, &room, pdu, false)
+                        .await
+                        .map(Ingesting::Done);
+                }
+                match started {
+                    Ok(Ingesting::Queued(q)) => {
+                        queued.push((id, q));
+                        continue;
+                    }
+                    Ok(Ingesting::Done(done)) => pdu_result(&origin, &id, Ok(done)),
+                    Ok(Ingesting::ParentPending) => Err("a parent is still being stored".into()),
+                    Err(e) => pdu_result(&origin, &id, Err(e)),
+                }
+            }
+        };
         if let Some(id) = id {
-            let entry = match result {
-                Ok(()) => json!({}),
-                Err(e) => json!({ "error": e }),
-            };
-            results.insert(id, entry);
+            results.insert(id, result_entry(outcome));
         }
     }
+    finish_queued(fed, &origin, &mut queued, &mut results).await;
     // EDUs (typing, receipts, presence, device lists, to-device) are accepted and dropped
     // until the features they belong to exist. Room EDUs (typing, receipts) must then pass
     // `Server::server_acl_allows` for their room, as PDUs do.
@@ -175,12 +210,51 @@ async fn send_transaction(
     Ok(Json(response))
 }
 
-/// One PDU of a transaction: `(event ID if it could be computed, outcome)`.
+/// Awaits the commits of the queued events of a transaction and records their outcomes.
+async fn finish_queued(
+    fed: &Federation,
+    origin: &ServerName,
+    queued: &mut Vec<(String, QueuedIngest)>,
+    results: &mut Map<String, Value>,
+) {
+    for (id, q) in queued.drain(..) {
+        let outcome = fed.server.finish_ingest(q).await;
+        results.insert(id.clone(), result_entry(pdu_result(origin, &id, outcome)));
+    }
+}
+
+/// A PDU's entry in the transaction's answer.
+fn result_entry(outcome: Result<(), String>) -> Value {
+    match outcome {
+        Ok(()) => json!({}),
+        Err(e) => json!({ "error": e }),
+    }
+}
+
+/// What an event's handling means for the sending server.
+fn pdu_result(
+    origin: &ServerName,
+    id: &str,
+    outcome: myelin_core::Result<Ingested>,
+) -> Result<(), String> {
+    match outcome {
+        Ok(Ingested::Accepted(_) | Ingested::Known | Ingested::SoftFailed) => Ok(()),
+        Ok(Ingested::Rejected(why)) => Err(why),
+        Ok(Ingested::Missing(ids)) => Err(format!("missing events: {ids:?}")),
+        Err(e) => {
+            tracing::warn!(origin = %origin, event = %id, error = %e, "handling an event failed");
+            Err(e.message())
+        }
+    }
+}
+
+/// One PDU of a transaction, checked up to its ingestion: `(event ID if it could be
+/// computed, its room and verified event, or why it was refused)`.
 async fn receive_pdu(
     fed: &Federation,
     origin: &ServerName,
     value: &Value,
-) -> (Option<String>, Result<(), String>) {
+) -> (Option<String>, Result<(Arc<RoomInfo>, Pdu), String>) {
     let Some(room_id) = value.get("room_id").and_then(Value::as_str) else {
         return (None, Err("event has no room_id".into()));
     };
@@ -215,21 +289,10 @@ async fn receive_pdu(
             Err("your server is denied by the room's server ACL".into()),
         );
     }
-    let pdu = match fed.verify_pdu(&room, value).await {
-        Ok(p) => p,
-        Err(e) => return (id, Err(e.message())),
-    };
-    let outcome = fed.handle_pdu(origin, &room, pdu, false).await;
-    let result = match outcome {
-        Ok(Ingested::Accepted(_) | Ingested::Known | Ingested::SoftFailed) => Ok(()),
-        Ok(Ingested::Rejected(why)) => Err(why),
-        Ok(Ingested::Missing(ids)) => Err(format!("missing events: {ids:?}")),
-        Err(e) => {
-            tracing::warn!(origin = %origin, event = ?id, error = %e, "handling an event failed");
-            Err(e.message())
-        }
-    };
-    (id, result)
+    match fed.verify_pdu(&room, value).await {
+        Ok(pdu) => (id, Ok((room, pdu))),
+        Err(e) => (id, Err(e.message())),
+    }
 }
 
 // Membership handshakes -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ use myelin_core::{
         signatures::{required_server_signatures_to_verify_event, verify_event, Verified},
         OwnedEventId, OwnedServerName, ServerName,
     },
-    server::{pdu_from_federation, redacted_pdu, Ingested},
+    server::{pdu_from_federation, redacted_pdu, Ingested, Ingesting},
     state::StateMap,
     Error, Result, RoomInfo,
 };
@@ -115,6 +115,28 @@ impl Federation {
             } else {
                 return Ok(Ingested::Missing(missing));
             }
+        }
+    }
+
+    /// [`Federation::handle_pdu`] for the events of one transaction, in order: an event that
+    /// extends what the room holds (its parent's commit possibly still in flight) is queued
+    /// for the writer and returned as [`Ingesting::Queued`]; one whose parent is in flight
+    /// otherwise gives [`Ingesting::ParentPending`]; anything else is handled in full.
+    pub async fn start_pdu(
+        &self,
+        origin: &ServerName,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+    ) -> Result<Ingesting> {
+        let first = self
+            .server
+            .start_ingest(room, pdu.clone(), None, &HashMap::new(), true)
+            .await?;
+        match first {
+            Ingesting::Done(Ingested::Missing(_)) => Ok(Ingesting::Done(
+                self.handle_pdu(origin, room, pdu, false).await?,
+            )),
+            other => Ok(other),
         }
     }
 

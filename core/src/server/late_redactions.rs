@@ -90,10 +90,13 @@ impl Server {
         pdu: Arc<Pdu>,
         late: &mut LateRedaction,
     ) -> Result<Arc<Pdu>> {
-        let mut waiting = self
-            .store
-            .pending_redactions_for(pdu.event_id.as_str())
-            .await?;
+        let mut waiting = if self.late_redactions.load(Ordering::Acquire) {
+            self.store
+                .pending_redactions_for(pdu.event_id.as_str())
+                .await?
+        } else {
+            Vec::new()
+        };
         waiting.extend(
             head.awaiting_redactions
                 .iter()
@@ -118,6 +121,9 @@ impl Server {
         &self,
         room: &RoomInfo,
     ) -> Result<Vec<PendingRedaction>> {
+        if !self.late_redactions.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
         self.store.pending_redactions_in_room(room.nid).await
     }
 }

@@ -34,6 +34,24 @@ pub enum Ingested {
     Missing(Vec<OwnedEventId>),
 }
 
+/// An event from another server on its way in (see [`Server::start_ingest`]).
+pub enum Ingesting {
+    /// Decided without a write, or written.
+    Done(Ingested),
+    /// Authorised and queued for the writer; [`Server::finish_ingest`] awaits its commit.
+    Queued(QueuedIngest),
+    /// A parent is still being written and the event does not simply extend the room's only
+    /// forward extremity: ask again once the writes in flight are done.
+    ParentPending,
+}
+
+/// An accepted event whose commit is in flight.
+pub struct QueuedIngest {
+    room: Arc<RoomInfo>,
+    generation: u64,
+    done: tokio::sync::oneshot::Receiver<Result<Vec<Arc<StoredEvent>>>>,
+}
+
 /// `(type, state_key) → event` for the auth rules.
 pub(super) type AuthState = HashMap<(StateEventType, String), Arc<Pdu>>;
 
@@ -557,24 +575,60 @@ impl Server {
         relay_from: Option<&ServerName>,
         gap: &HashMap<OwnedEventId, Arc<StateMap>>,
     ) -> Result<Ingested> {
+        let prev_events = pdu.prev_events.clone();
+        match self.start_ingest(room, pdu, relay_from, gap, false).await? {
+            Ingesting::Done(outcome) => Ok(outcome),
+            Ingesting::Queued(queued) => self.finish_ingest(queued).await,
+            Ingesting::ParentPending => Ok(Ingested::Missing(prev_events)),
+        }
+    }
+
+    /// Awaits the commit of an event [`Server::start_ingest`] queued.
+    pub async fn finish_ingest(&self, queued: QueuedIngest) -> Result<Ingested> {
+        let QueuedIngest {
+            room,
+            generation,
+            done,
+        } = queued;
+        let mut stored = self.await_write(&room, generation, done).await?;
+        stored
+            .pop()
+            .map(Ingested::Accepted)
+            .ok_or_else(|| Error::internal("write returned nothing"))
+    }
+
+    /// [`Server::ingest_pdu_over_gap`] up to the write: an accepted event is queued for the
+    /// writer, not awaited. With `pipelined`, an event whose only parent is the room's only
+    /// forward extremity is accepted while that parent's commit is still in flight (the
+    /// consecutive events of one `/send` transaction share the writer's commits that way);
+    /// another event with a parent in flight gives [`Ingesting::ParentPending`]. Without it,
+    /// a parent in flight counts as missing.
+    pub async fn start_ingest(
+        &self,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+        relay_from: Option<&ServerName>,
+        gap: &HashMap<OwnedEventId, Arc<StateMap>>,
+        pipelined: bool,
+    ) -> Result<Ingesting> {
         if pdu.room_id != room.room_id {
             return Err(Error::bad_json("event is for another room"));
         }
         if self.event_by_id(&pdu.event_id).await?.is_some() {
-            return Ok(Ingested::Known);
+            return Ok(Ingesting::Done(Ingested::Known));
         }
         // 1. Against its own auth events.
         let auth = match self.auth_events_of(room, &pdu, &HashMap::new()).await {
             Ok(Ok(a)) => a,
-            Ok(Err(missing)) => return Ok(Ingested::Missing(missing)),
+            Ok(Err(missing)) => return Ok(Ingesting::Done(Ingested::Missing(missing))),
             Err(e) => {
                 self.store_outside(room, &pdu, true).await?;
-                return Ok(Ingested::Rejected(e.message()));
+                return Ok(Ingesting::Done(Ingested::Rejected(e.message())));
             }
         };
         if let Err(why) = check_auth(&room.rules, &pdu, &auth) {
             self.store_outside(room, &pdu, true).await?;
-            return Ok(Ingested::Rejected(why));
+            return Ok(Ingesting::Done(Ingested::Rejected(why)));
         }
         // Parents: each must be in the timeline (with a state after it), or its state known
         // from another server.
@@ -582,7 +636,25 @@ impl Server {
         let mut missing = Vec::new();
         let mut gap_states = Vec::new();
         let mut gap_ids = Vec::new();
+        // Parents whose commit is in flight (pipelined): not looked for in the database.
+        let in_flight_parents: Vec<OwnedEventId> = if pipelined {
+            let lock = self.head_lock(room.nid);
+            let guard = lock.lock().await;
+            guard.as_ref().map_or_else(Vec::new, |h| {
+                pdu.prev_events
+                    .iter()
+                    .filter(|id| h.pending.values().any(|(_, p)| p.event_id == **id))
+                    .cloned()
+                    .collect()
+            })
+        } else {
+            Vec::new()
+        };
         for id in &pdu.prev_events {
+            if in_flight_parents.contains(id) {
+                missing.push(id.clone());
+                continue;
+            }
             match self.event_by_id(id).await? {
                 Some(e) if !e.outlier && e.state_after.is_some() => prevs.push(e),
                 Some(e) if e.rejected => {}
@@ -595,24 +667,45 @@ impl Server {
                 },
             }
         }
-        if !missing.is_empty() {
-            return Ok(Ingested::Missing(missing));
+        // A parent still being written: only with `pipelined`, and only as the room's one
+        // forward extremity (then the state after it is the room's current state).
+        let extends_pending = pipelined && !missing.is_empty() && pdu.prev_events.len() == 1;
+        if !missing.is_empty() && !extends_pending {
+            return Ok(Ingesting::Done(Ingested::Missing(missing)));
         }
-        if prevs.is_empty() && gap_states.is_empty() {
+        if prevs.is_empty() && gap_states.is_empty() && !extends_pending {
             self.store_outside(room, &pdu, true).await?;
-            return Ok(Ingested::Rejected("every parent was rejected".into()));
+            return Ok(Ingesting::Done(Ingested::Rejected(
+                "every parent was rejected".into(),
+            )));
         }
         let pdu = Arc::new(pdu);
 
         let lock = self.head_lock(room.nid);
         let mut guard = lock.lock().await;
         let mut head = self.load_head(room, &mut guard).await?.clone();
-        if self.event_by_id(&pdu.event_id).await?.is_some() {
-            return Ok(Ingested::Known);
+        let in_flight = |head: &RoomHead, id: &OwnedEventId| {
+            head.pending.values().any(|(_, p)| p.event_id == *id)
+        };
+        if self.event_by_id(&pdu.event_id).await?.is_some() || in_flight(&head, &pdu.event_id) {
+            return Ok(Ingesting::Done(Ingested::Known));
         }
         let committed = self.events_stream.current();
         head.pending.retain(|_, (pos, _)| *pos > committed);
         head.awaiting_redactions.retain(|(pos, _)| *pos > committed);
+        if extends_pending {
+            let parent = &pdu.prev_events[0];
+            let only_extremity = matches!(&head.extremities[..], [(id, _, _)] if id == parent);
+            let held = only_extremity
+                && (in_flight(&head, parent) || self.event_by_id(parent).await?.is_some());
+            if !held {
+                return Ok(if in_flight(&head, parent) {
+                    Ingesting::ParentPending
+                } else {
+                    Ingesting::Done(Ingested::Missing(missing))
+                });
+            }
+        }
 
         // 2. Against the state before it (resolved over its parents' states).
         let mut groups: Vec<i64> = prevs.iter().filter_map(|e| e.state_after).collect();
@@ -624,7 +717,9 @@ impl Server {
         }
         before_maps.extend(gap_states);
         let mut extra_groups = Vec::new();
-        let (before_group, before_map, before_chain) = if groups.len() == 1 && gap_ids.is_empty() {
+        let (before_group, before_map, before_chain) = if extends_pending {
+            (head.state_group, head.state.clone(), head.chain_len)
+        } else if groups.len() == 1 && gap_ids.is_empty() {
             let (m, chain) = self.state.group(&self.store, groups[0]).await?;
             (groups[0], m, chain)
         } else {
@@ -640,9 +735,9 @@ impl Server {
         if let Err(why) = check_auth(&room.rules, &pdu, &before_auth) {
             drop(guard);
             self.store_outside(room, &pdu, true).await?;
-            return Ok(Ingested::Rejected(format!(
+            return Ok(Ingesting::Done(Ingested::Rejected(format!(
                 "not allowed by the state before it: {why}"
-            )));
+            ))));
         }
         // 3. Against the current state: soft failure.
         let current_auth = self.auth_state_from(&room.rules, &head.state, &pdu).await?;
@@ -650,7 +745,7 @@ impl Server {
             drop(guard);
             tracing::info!(event = %pdu.event_id, %why, "soft-failed event");
             self.store_outside(room, &pdu, false).await?;
-            return Ok(Ingested::SoftFailed);
+            return Ok(Ingesting::Done(Ingested::SoftFailed));
         }
 
         // The state after it, the new extremities and the new current state.
@@ -762,11 +857,11 @@ impl Server {
             self.enqueue_write(room, false, vec![built], vec![applied], &mut head, extras)?;
         *guard = Some(head);
         drop(guard);
-        let mut stored = self.await_write(room, generation, done).await?;
-        stored
-            .pop()
-            .map(Ingested::Accepted)
-            .ok_or_else(|| Error::internal("write returned nothing"))
+        Ok(Ingesting::Queued(QueuedIngest {
+            room: room.clone(),
+            generation,
+            done,
+        }))
     }
 
     /// Joins a room hosted elsewhere: stores the state and auth chain the resident server sent
@@ -820,7 +915,8 @@ impl Server {
         all.extend(state);
         let rejected = self.store_outliers(&room, all).await?;
         // The room's state as the resident server sent it, without refused events.
-        let mut map = StateMap::new();
+        let mut pairs = Vec::with_capacity(state_ids.len());
+        let mut nids = Vec::with_capacity(state_ids.len());
         for id in &state_ids {
             if rejected.contains(id) {
                 continue;
@@ -832,13 +928,12 @@ impl Server {
                 continue;
             }
             if let Some(sk) = &e.pdu.state_key {
-                let k = self
-                    .state
-                    .intern(&self.store, &e.pdu.kind.to_string(), sk)
-                    .await?;
-                map.insert(k, e.nid);
+                pairs.push((e.pdu.kind.to_string(), sk.clone()));
+                nids.push(e.nid);
             }
         }
+        let keys = self.state.intern_all(&self.store, &pairs).await?;
+        let map: StateMap = keys.into_iter().zip(nids).collect();
         if self.state_event(&map, "m.room.create", "").await?.is_none() {
             return Err(Error::new(
                 crate::ErrorKind::BadJson,

@@ -138,6 +138,9 @@ pub(super) async fn insert_rows(
         return Ok(());
     }
     let per = (MAX_BINDS / cols).max(1);
+    // SQLite looks a named parameter (`$N`) up by scanning every name, so binding thousands
+    // of them is quadratic; anonymous `?` bind in order. PostgreSQL needs `$N`.
+    let anonymous = tx.backend_name() == "SQLite";
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<Vec<V>> = rows.by_ref().take(per).collect();
@@ -155,8 +158,12 @@ pub(super) async fn insert_rows(
                     sql.push(',');
                 }
                 n += 1;
-                sql.push('$');
-                sql.push_str(&n.to_string());
+                if anonymous {
+                    sql.push('?');
+                } else {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
             }
             sql.push(')');
         }

@@ -51,6 +51,14 @@ impl Store {
             .collect())
     }
 
+    /// Whether any redaction waits for its target (read at start-up).
+    pub async fn any_pending_redactions(&self) -> Result<bool> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pending_redactions LIMIT 1")
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// Every redaction waiting in a room (for a batch of outliers).
     pub async fn pending_redactions_in_room(&self, room_nid: i64) -> Result<Vec<PendingRedaction>> {
         let sql = format!(

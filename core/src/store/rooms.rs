@@ -5,7 +5,9 @@ use sqlx::Row;
 
 use sqlx::AssertSqlSafe;
 
-use super::Store;
+use std::collections::HashMap;
+
+use super::{insert_rows, Backend, Store, V};
 use crate::Result;
 
 /// A room row.
@@ -124,6 +126,70 @@ impl Store {
         .await?;
         w.commit().await?;
         Ok(nid)
+    }
+
+    /// Interns many `(event_type, state_key)` pairs in one transaction; their IDs, in order.
+    pub async fn intern_state_keys(&self, pairs: &[(String, String)]) -> Result<Vec<i64>> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut w = self.write().await?;
+        let rows = pairs
+            .iter()
+            .map(|(t, k)| vec![V::S(t.clone()), V::S(k.clone())])
+            .collect();
+        insert_rows(
+            &mut w.tx,
+            "INSERT INTO state_keys (event_type, state_key)",
+            2,
+            rows,
+            "ON CONFLICT (event_type, state_key) DO NOTHING",
+        )
+        .await?;
+        // Read back per event type, a few hundred keys a statement.
+        let sqlite = self.backend == Backend::Sqlite;
+        let mut by_type: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (t, k) in pairs {
+            by_type.entry(t.as_str()).or_default().push(k.as_str());
+        }
+        let mut nids: HashMap<(String, String), i64> = HashMap::with_capacity(pairs.len());
+        for (ty, keys) in by_type {
+            for chunk in keys.chunks(500) {
+                let list: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        if sqlite {
+                            "?".to_owned()
+                        } else {
+                            format!("${}", i + 2)
+                        }
+                    })
+                    .collect();
+                let first = if sqlite { "?" } else { "$1" };
+                let sql = format!(
+                    "SELECT state_key_nid, state_key FROM state_keys \
+                     WHERE event_type = {first} AND state_key IN ({})",
+                    list.join(",")
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ty);
+                for k in chunk {
+                    q = q.bind(*k);
+                }
+                for row in q.fetch_all(&mut *w.tx).await? {
+                    let nid: i64 = row.get(0);
+                    let key: String = row.get(1);
+                    nids.insert((ty.to_owned(), key), nid);
+                }
+            }
+        }
+        w.commit().await?;
+        pairs
+            .iter()
+            .map(|(t, k)| {
+                nids.get(&(t.clone(), k.clone())).copied().ok_or_else(|| {
+                    crate::Error::internal(format!("state key {t} {k} not interned"))
+                })
+            })
+            .collect()
     }
 
     pub async fn lookup_state_key(&self, event_type: &str, state_key: &str) -> Result<Option<i64>> {
