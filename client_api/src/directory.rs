@@ -14,7 +14,9 @@ use axum::{
     Json,
 };
 use myelin_core::{
-    directory::PublicRoomsQuery, pdu::NewEvent, power::PowerLevels, Append, Error, RoomInfo, Server,
+    directory::{parse_limit, PublicRoomsBody, PublicRoomsQuery},
+    pdu::NewEvent,
+    Append, Error, RoomInfo, Server,
 };
 use myelin_federation::Federation;
 use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName, UserId};
@@ -28,19 +30,6 @@ use crate::{
 };
 
 // Shared helpers ------------------------------------------------------------------------------
-
-/// A string field of a state event's content in the room's current state.
-async fn state_str(
-    server: &Server,
-    state: &myelin_core::state::StateMap,
-    event_type: &str,
-    field: &str,
-) -> myelin_core::Result<Option<String>> {
-    Ok(server
-        .state_event(state, event_type, "")
-        .await?
-        .and_then(|e| e.pdu.content_str(field)))
-}
 
 async fn is_joined(server: &Server, room: &RoomInfo, user: &UserId) -> myelin_core::Result<bool> {
     Ok(server
@@ -58,15 +47,7 @@ async fn can_manage(server: &Server, room: &RoomInfo, user: &UserId) -> myelin_c
         return Ok(false);
     }
     let state = server.current_state(room).await?;
-    let pl = server
-        .state_event(&state, "m.room.power_levels", "")
-        .await?;
-    let create = server.state_event(&state, "m.room.create", "").await?;
-    let power = PowerLevels::from_state(
-        pl.as_ref().map(|e| &*e.pdu),
-        create.as_ref().map(|e| &*e.pdu),
-        &room.rules,
-    );
+    let power = server.power_levels(room, &state).await?;
     Ok(power.can_send(user, "m.room.canonical_alias", true))
 }
 
@@ -232,13 +213,9 @@ pub async fn room_aliases(
     let room = server.room(&room_id).await?.ok_or_else(forbidden)?;
     if !auth.is_admin && !is_joined(&server, &room, &auth.user_id).await? {
         let state = server.current_state(&room).await?;
-        let vis = state_str(
-            &server,
-            &state,
-            "m.room.history_visibility",
-            "history_visibility",
-        )
-        .await?;
+        let vis = server
+            .state_field(&state, "m.room.history_visibility", "history_visibility")
+            .await?;
         if vis.as_deref() != Some("world_readable") {
             return Err(forbidden().into());
         }
@@ -303,27 +280,13 @@ async fn public_rooms(
     fed: &Federation,
     remote: Option<String>,
     q: PublicRoomsQuery,
-    include_all_networks: bool,
-    third_party_instance_id: Option<String>,
 ) -> ApiResult<Json<Value>> {
     if let Some(other) = remote.filter(|s| s != server.server_name()) {
         let other: OwnedServerName = parse_id(&other, "server name")?;
-        let body = fed
-            .public_rooms(&other, &q, include_all_networks, third_party_instance_id)
-            .await?;
+        let body = fed.public_rooms(&other, &q).await?;
         return Ok(Json(body));
     }
     Ok(Json(server.public_rooms(q).await?))
-}
-
-fn parse_limit(limit: Option<&str>) -> ApiResult<Option<i64>> {
-    match limit {
-        None | Some("") => Ok(None),
-        Some(l) => Ok(Some(
-            l.parse::<i64>()
-                .map_err(|_| Error::invalid_param("Invalid limit"))?,
-        )),
-    }
 }
 
 #[derive(Deserialize)]
@@ -344,23 +307,7 @@ pub async fn public_rooms_get(
         since: q.since,
         ..Default::default()
     };
-    public_rooms(&server, &fed, q.server, query, false, None).await
-}
-
-#[derive(Deserialize, Default)]
-pub struct PublicRoomsFilter {
-    generic_search_term: Option<String>,
-    room_types: Option<Vec<Option<String>>>,
-}
-
-#[derive(Deserialize)]
-pub struct PublicRoomsBody {
-    limit: Option<i64>,
-    since: Option<String>,
-    filter: Option<PublicRoomsFilter>,
-    #[serde(default)]
-    include_all_networks: bool,
-    third_party_instance_id: Option<String>,
+    public_rooms(&server, &fed, q.server, query).await
 }
 
 #[derive(Deserialize)]
@@ -376,23 +323,7 @@ pub async fn public_rooms_post(
     Query(q): Query<ServerQuery>,
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
-    let filter = body.filter.unwrap_or_default();
-    let query = PublicRoomsQuery {
-        limit: body.limit,
-        since: body.since,
-        term: filter.generic_search_term,
-        room_types: filter.room_types.unwrap_or_default(),
-        third_party_only: !body.include_all_networks && body.third_party_instance_id.is_some(),
-    };
-    public_rooms(
-        &server,
-        &fed,
-        q.server,
-        query,
-        body.include_all_networks,
-        body.third_party_instance_id,
-    )
-    .await
+    public_rooms(&server, &fed, q.server, body.into()).await
 }
 
 #[cfg(test)]

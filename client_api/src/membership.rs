@@ -10,7 +10,9 @@ use axum::{
 };
 use myelin_core::{
     pdu::NewEvent,
-    ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, ServerName, UserId},
+    ruma::{
+        OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId,
+    },
     server::JoinAuthorisation,
     token::SyncToken,
     Append, Error, ErrorKind, RoomInfo, Server,
@@ -68,6 +70,17 @@ async fn set_membership(
     reason: Option<&str>,
 ) -> ApiResult<()> {
     let content = member_content(server, target, membership, reason).await?;
+    append_member(server, room, sender, target, content).await
+}
+
+/// Appends `target`'s membership event with `content`, sent by `sender`.
+async fn append_member(
+    server: &Server,
+    room: &Arc<RoomInfo>,
+    sender: &UserId,
+    target: &UserId,
+    content: Value,
+) -> ApiResult<()> {
     server
         .append(
             room,
@@ -79,6 +92,23 @@ async fn set_membership(
         )
         .await?;
     Ok(())
+}
+
+/// The servers to reach a room through: `via`, then the room ID's server; `M_NOT_FOUND`
+/// (`missing`) when there is none.
+fn through(
+    mut via: Vec<OwnedServerName>,
+    room_id: &RoomId,
+    missing: &str,
+) -> ApiResult<Vec<OwnedServerName>> {
+    if let Some(s) = room_id.server_name() {
+        via.push(s.to_owned());
+    }
+    via.dedup();
+    if via.is_empty() {
+        return err(ErrorKind::NotFound, missing);
+    }
+    Ok(via)
 }
 
 /// `?server_name=a&via=b&via=c` as server names (keys repeat, so the query is parsed by hand).
@@ -148,7 +178,7 @@ pub async fn knock(
     RawQuery(query): RawQuery,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let (room_id, mut via) = resolve_target(&server, &fed, &target, query).await?;
+    let (room_id, via) = resolve_target(&server, &fed, &target, query).await?;
     if let Some(room) = server.room(&room_id).await? {
         let current = server
             .store
@@ -161,7 +191,7 @@ pub async fn knock(
             Some("ban") => return err(ErrorKind::Forbidden, "You are banned from the room"),
             _ => {}
         }
-        if resident(&server, &room).await? {
+        if server.is_resident(room.nid).await? {
             set_membership(
                 &server,
                 &room,
@@ -174,16 +204,7 @@ pub async fn knock(
             return Ok(Json(json!({ "room_id": room_id })));
         }
     }
-    if let Some(s) = room_id.server_name() {
-        via.push(s.to_owned());
-    }
-    via.dedup();
-    if via.is_empty() {
-        return err(
-            ErrorKind::NotFound,
-            "Unknown room; no server to knock through",
-        );
-    }
+    let via = through(via, &room_id, "Unknown room; no server to knock through")?;
     fed.knock_remote(&auth.user_id, &room_id, &via, body.reason.as_deref())
         .await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -200,16 +221,6 @@ pub async fn join(
     join_room_id(&server, &fed, &auth, &room_id, vec![], body.reason).await
 }
 
-/// Whether a user of ours is joined to the room (we can then change memberships ourselves).
-async fn resident(server: &Server, room: &RoomInfo) -> ApiResult<bool> {
-    let suffix = format!(":{}", server.server_name());
-    Ok(server
-        .members(room.nid)
-        .await?
-        .iter()
-        .any(|(u, m)| m == "join" && u.ends_with(&suffix)))
-}
-
 /// Joins locally when a user of ours is in the room, otherwise through another server: the
 /// `via` servers, the server that invited us, and the room ID's server.
 async fn join_room_id(
@@ -222,7 +233,7 @@ async fn join_room_id(
 ) -> ApiResult<Json<Value>> {
     let room = server.room(room_id).await?;
     if let Some(room) = &room {
-        if resident(server, room).await? {
+        if server.is_resident(room.nid).await? {
             return do_join(server, auth, room, reason).await;
         }
         if let Some(m) = server
@@ -236,16 +247,7 @@ async fn join_room_id(
             }
         }
     }
-    if let Some(s) = room_id.server_name() {
-        via.push(s.to_owned());
-    }
-    via.dedup();
-    if via.is_empty() {
-        return err(
-            ErrorKind::NotFound,
-            "Unknown room; no server to join it through",
-        );
-    }
+    let via = through(via, room_id, "Unknown room; no server to join it through")?;
     fed.join_remote(&auth.user_id, room_id, &via, reason.as_deref())
         .await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -270,16 +272,7 @@ async fn do_join(
     if let JoinAuthorisation::By(by) = server.join_authorisation(room, &auth.user_id).await? {
         content["join_authorised_via_users_server"] = json!(by);
     }
-    server
-        .append(
-            room,
-            vec![Append {
-                sender: auth.user_id.clone(),
-                event: NewEvent::state("m.room.member", auth.user_id.as_str(), content)?,
-                txn: None,
-            }],
-        )
-        .await?;
+    append_member(server, room, &auth.user_id, &auth.user_id, content).await?;
     Ok(Json(json!({ "room_id": room.room_id })))
 }
 
@@ -338,7 +331,7 @@ pub async fn leave(
         _ => return err(ErrorKind::Forbidden, "You are not in this room"),
     }
     if let Some(m) = current.as_ref().filter(|m| m.membership != "join") {
-        if !resident(&server, &room).await? {
+        if !server.is_resident(room.nid).await? {
             // An invite (or knock) to a room we are not in: leave through the other server.
             let ev = server.event(m.event_nid).await?;
             let mut via = vec![ev.pdu.sender.server_name().to_owned()];

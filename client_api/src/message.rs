@@ -345,17 +345,20 @@ pub async fn messages(
     let deadline = tokio::time::Instant::now() + BACKFILL_BUDGET;
     let mut rounds = 0;
     let mut passed = i64::MAX;
+    // The gaps below the position read from. Reads stop at the deepest, so they stay the
+    // same until a backfill round (or a gap passed over) changes them.
+    let mut gap = Vec::new();
+    let mut gap_stale = backwards;
     // Read pages until `limit` visible, filtered events are found or the room runs out.
     while (chunk.len() as i64) < limit {
         let want = (limit - chunk.len() as i64).max(1) * 2;
-        let gap = if backwards {
+        if gap_stale {
             let below = cur_depth.min(passed.saturating_sub(1));
-            server
+            gap = server
                 .backward_extremities(room.nid, below, BACKFILL_FROM)
-                .await?
-        } else {
-            Vec::new()
-        };
+                .await?;
+            gap_stale = false;
+        }
         let mut rows = server
             .store
             .room_events_topological(room.nid, cur_depth, cur_stream, backwards, stream_max, want)
@@ -437,6 +440,7 @@ pub async fn messages(
                 // Out of time: the next page starts here and backfills again.
                 Err(_) => break,
             }
+            gap_stale = true;
             continue;
         }
         if got < want {

@@ -516,7 +516,8 @@ pub fn success(response: Response, what: &str) -> anyhow::Result<Value> {
     }
 }
 
-fn string_field(body: &Value, name: &str) -> anyhow::Result<String> {
+/// The string `name` of a response body, or an error naming it.
+pub fn string_field(body: &Value, name: &str) -> anyhow::Result<String> {
     body[name]
         .as_str()
         .map(str::to_owned)

@@ -18,6 +18,7 @@
 //!   (such as the bench binary) can reuse it.
 //! - [`backend_tests!`]: turns each listed `async fn` into a `#[tokio::test]`
 //!   per storage backend; [`run_backend_test`] is what those tests call.
+//! - [`bench`]: the statistics the benchmark programs (`src/bin/`) print.
 //! - [`eventually`]: a bounded poll for effects a server may apply in the
 //!   background.
 //! - [`federation`]: what the federation tests share: two-server scenarios
@@ -46,6 +47,7 @@
 //! - Postgres admin URL: `$MYELIN_TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432/postgres`.
 
+pub mod bench;
 pub mod client;
 pub mod federation;
 pub mod postgres;

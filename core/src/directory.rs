@@ -6,13 +6,16 @@
 //! types, ordered by joined member count (largest first), then room ID, in pages whose tokens
 //! are `o<offset>` into that list.
 
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
+
+use std::collections::HashMap;
 
 use crate::{server::RoomInfo, state::StateMap, Error, Result, Server};
 
 /// Rooms per `publicRooms` page when no (or a non-positive) limit is asked for, and the most
 /// one page holds.
-pub const MAX_PUBLIC_ROOMS_PAGE: usize = 500;
+const MAX_PUBLIC_ROOMS_PAGE: usize = 500;
 
 /// What a room looks like from outside (spec: `PublicRoomsChunk`, `RoomSummary`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -110,8 +113,57 @@ pub struct PublicRoomsQuery {
     pub since: Option<String>,
     pub term: Option<String>,
     pub room_types: Vec<Option<String>>,
-    /// A third-party network was asked for; Myelin bridges none, so nothing is in it.
-    pub third_party_only: bool,
+    pub include_all_networks: bool,
+    pub third_party_instance_id: Option<String>,
+}
+
+impl PublicRoomsQuery {
+    /// Only a third-party network was asked for; Myelin bridges none, so nothing is in it.
+    pub fn third_party_only(&self) -> bool {
+        !self.include_all_networks && self.third_party_instance_id.is_some()
+    }
+}
+
+/// The `limit` query parameter of `GET /publicRooms` (absent or empty: none).
+pub fn parse_limit(limit: Option<&str>) -> Result<Option<i64>> {
+    match limit {
+        None | Some("") => Ok(None),
+        Some(l) => l
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| Error::invalid_param("Invalid limit")),
+    }
+}
+
+/// The body of `POST /publicRooms`, the same in the Client-Server and Server-Server APIs.
+#[derive(Debug, Default, Deserialize)]
+pub struct PublicRoomsBody {
+    limit: Option<i64>,
+    since: Option<String>,
+    filter: Option<PublicRoomsFilter>,
+    #[serde(default)]
+    include_all_networks: bool,
+    third_party_instance_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PublicRoomsFilter {
+    generic_search_term: Option<String>,
+    room_types: Option<Vec<Option<String>>>,
+}
+
+impl From<PublicRoomsBody> for PublicRoomsQuery {
+    fn from(b: PublicRoomsBody) -> Self {
+        let filter = b.filter.unwrap_or_default();
+        PublicRoomsQuery {
+            limit: b.limit,
+            since: b.since,
+            term: filter.generic_search_term,
+            room_types: filter.room_types.unwrap_or_default(),
+            include_all_networks: b.include_all_networks,
+            third_party_instance_id: b.third_party_instance_id,
+        }
+    }
 }
 
 /// A `publicRooms` pagination token: the offset of the batch it asks for.
@@ -133,30 +185,25 @@ fn page(total: usize, start: usize, limit: usize) -> (usize, usize, Option<usize
 }
 
 impl Server {
-    /// A string field of a state event's content in `state`.
-    async fn state_field(&self, state: &StateMap, ty: &str, field: &str) -> Result<Option<String>> {
-        Ok(self
-            .state_event(state, ty, "")
-            .await?
-            .and_then(|e| e.pdu.content_str(field)))
-    }
-
     /// The summary of a room we hold the state of, from its current state.
     pub async fn directory_summary(&self, room: &RoomInfo) -> Result<RoomSummary> {
         let state = self.current_state(room).await?;
+        let members = self.members(room.nid).await?;
+        self.summary_in(room, &state, &members).await
+    }
+
+    /// The summary of a room from its current `state` and `members` (`user → membership`).
+    pub async fn summary_in(
+        &self,
+        room: &RoomInfo,
+        state: &StateMap,
+        members: &HashMap<String, String>,
+    ) -> Result<RoomSummary> {
         let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
-        let num_joined_members = self
-            .members(room.nid)
-            .await?
-            .values()
-            .filter(|m| m.as_str() == "join")
-            .count();
-        let room_type = self
-            .state_event(&state, "m.room.create", "")
-            .await?
-            .and_then(|e| e.pdu.content_str("type"));
+        let num_joined_members = members.values().filter(|m| m.as_str() == "join").count();
+        let room_type = self.state_field(state, "m.room.create", "type").await?;
         let join_rules = self
-            .state_event(&state, "m.room.join_rules", "")
+            .state_event(state, "m.room.join_rules", "")
             .await?
             .map(|e| e.pdu.content_value());
         let join_rule = join_rules
@@ -171,20 +218,20 @@ impl Server {
             _ => Vec::new(),
         };
         let history = self
-            .state_field(&state, "m.room.history_visibility", "history_visibility")
+            .state_field(state, "m.room.history_visibility", "history_visibility")
             .await?;
         let guest = self
-            .state_field(&state, "m.room.guest_access", "guest_access")
+            .state_field(state, "m.room.guest_access", "guest_access")
             .await?;
         Ok(RoomSummary {
             room_id: room.room_id.to_string(),
-            name: nonempty(self.state_field(&state, "m.room.name", "name").await?),
-            topic: nonempty(self.state_field(&state, "m.room.topic", "topic").await?),
+            name: nonempty(self.state_field(state, "m.room.name", "name").await?),
+            topic: nonempty(self.state_field(state, "m.room.topic", "topic").await?),
             canonical_alias: nonempty(
-                self.state_field(&state, "m.room.canonical_alias", "alias")
+                self.state_field(state, "m.room.canonical_alias", "alias")
                     .await?,
             ),
-            avatar_url: nonempty(self.state_field(&state, "m.room.avatar", "url").await?),
+            avatar_url: nonempty(self.state_field(state, "m.room.avatar", "url").await?),
             join_rule,
             room_type,
             world_readable: history.as_deref() == Some("world_readable"),
@@ -192,7 +239,7 @@ impl Server {
             num_joined_members,
             room_version: room.version.to_string(),
             encryption: self
-                .state_field(&state, "m.room.encryption", "algorithm")
+                .state_field(state, "m.room.encryption", "algorithm")
                 .await?,
             allowed_room_ids,
         })
@@ -214,7 +261,7 @@ impl Server {
             _ => MAX_PUBLIC_ROOMS_PAGE,
         };
         let mut rooms = Vec::new();
-        if !q.third_party_only {
+        if !q.third_party_only() {
             for row in self.store.public_rooms().await? {
                 let room = self.room_by_nid(row.room_nid).await?;
                 if !self.has_state(&room).await? {

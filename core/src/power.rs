@@ -3,9 +3,10 @@
 //! (who may redact others' events, who may send which event types, who may authorise
 //! restricted joins).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use ruma::{room_version_rules::RoomVersionRules, UserId};
+use ruma::{events::StateEventType, room_version_rules::RoomVersionRules, UserId};
 use serde::Deserialize;
 
 use crate::pdu::Pdu;
@@ -46,6 +47,19 @@ pub struct PowerLevels {
 }
 
 impl PowerLevels {
+    /// From the power levels and create events among the events the auth rules consult.
+    pub fn from_auth(
+        auth: &HashMap<(StateEventType, String), Arc<Pdu>>,
+        rules: &RoomVersionRules,
+    ) -> Self {
+        let get = |ty: StateEventType| auth.get(&(ty, String::new())).map(|p| &**p);
+        Self::from_state(
+            get(StateEventType::RoomPowerLevels),
+            get(StateEventType::RoomCreate),
+            rules,
+        )
+    }
+
     pub fn from_state(pl: Option<&Pdu>, create: Option<&Pdu>, rules: &RoomVersionRules) -> Self {
         let content: Content = pl
             .and_then(|p| serde_json::from_str(p.content.get()).ok())

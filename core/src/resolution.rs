@@ -39,24 +39,6 @@ pub fn resolve(
     .map_err(|e| Error::internal(format!("state resolution: {e}")))
 }
 
-/// The auth chain of `ids` (every event reachable through `auth_events`, `ids` included)
-/// among `pdus`.
-pub fn auth_chain(
-    ids: impl IntoIterator<Item = OwnedEventId>,
-    pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
-) -> EventIdSet<OwnedEventId> {
-    let mut set = EventIdSet::new();
-    let mut queue: Vec<OwnedEventId> = ids.into_iter().collect();
-    while let Some(id) = queue.pop() {
-        if let Some(p) = pdus.get(&id) {
-            if set.insert(id) {
-                queue.extend(p.auth_events.iter().cloned());
-            }
-        }
-    }
-    set
-}
-
 /// The conflicted state subgraph (room v12): events on an auth path from one conflicted event
 /// to another.
 fn conflicted_subgraph(

@@ -9,9 +9,9 @@
 //! concerned users woken and the request answered. A failed commit discards the head.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicI64, Ordering},
         Arc, RwLock,
     },
 };
@@ -109,6 +109,16 @@ struct RoomHead {
     awaiting_redactions: Vec<(i64, crate::store::PendingRedaction)>,
 }
 
+impl RoomHead {
+    /// Whether `id` was built on this head and its commit is still in flight (positions up
+    /// to `committed` are written).
+    fn in_flight(&self, id: &ruma::EventId, committed: i64) -> bool {
+        self.pending
+            .values()
+            .any(|(pos, p)| *pos > committed && p.event_id == id)
+    }
+}
+
 static HEAD_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn next_generation() -> u64 {
@@ -179,10 +189,10 @@ pub struct Server {
     servers: RwLock<HashMap<i64, Arc<Vec<String>>>>,
     /// Tells the federation sender which destinations have new outbox rows.
     pub outbox_signal: OutboxSignal,
-    /// Whether a redaction may be waiting for its target in `pending_redactions` (read at
-    /// start-up, set when one is queued; one process per database): while not, events skip
-    /// looking for one.
-    late_redactions: AtomicBool,
+    /// The targets redactions may be waiting for in `pending_redactions` (read at start-up,
+    /// added to when one is queued; one process per database): other events skip looking.
+    /// Settled targets stay until a restart; they only cost their memory.
+    late_targets: RwLock<HashSet<String>>,
     /// Set when the server is shutting down: long-polls answer at once.
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -202,7 +212,13 @@ impl Server {
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
         let min_stream = store.min_stream_ordering().await?;
-        let late_redactions = AtomicBool::new(store.any_pending_redactions().await?);
+        let late_targets = RwLock::new(
+            store
+                .pending_redaction_targets()
+                .await?
+                .into_iter()
+                .collect(),
+        );
         let server = Arc::new(Server {
             config,
             server_name,
@@ -234,7 +250,7 @@ impl Server {
             shutting_down: Default::default(),
             servers: RwLock::default(),
             outbox_signal: OutboxSignal::default(),
-            late_redactions,
+            late_targets,
         });
         tokio::spawn(run_writer(Arc::downgrade(&server), jobs));
         Ok(server)
@@ -508,6 +524,45 @@ impl Server {
             Some(nid) => self.event(*nid).await.map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The power levels of `room` in `state`.
+    pub async fn power_levels(
+        &self,
+        room: &RoomInfo,
+        state: &StateMap,
+    ) -> Result<crate::power::PowerLevels> {
+        let pl = self.state_event(state, "m.room.power_levels", "").await?;
+        let create = self.state_event(state, "m.room.create", "").await?;
+        Ok(crate::power::PowerLevels::from_state(
+            pl.as_ref().map(|e| &*e.pdu),
+            create.as_ref().map(|e| &*e.pdu),
+            &room.rules,
+        ))
+    }
+
+    /// Whether a user of this server is joined to the room (it can then change memberships
+    /// itself).
+    pub async fn is_resident(&self, room_nid: i64) -> Result<bool> {
+        let suffix = format!(":{}", self.server_name);
+        Ok(self
+            .members(room_nid)
+            .await?
+            .iter()
+            .any(|(u, m)| m == "join" && u.ends_with(&suffix)))
+    }
+
+    /// A string field of the content of the state event `(ty, "")` in `state`.
+    pub async fn state_field(
+        &self,
+        state: &StateMap,
+        ty: &str,
+        field: &str,
+    ) -> Result<Option<String>> {
+        Ok(self
+            .state_event(state, ty, "")
+            .await?
+            .and_then(|e| e.pdu.content_str(field)))
     }
 
     /// All events of a state map, with their `(type, state_key)`.
@@ -874,13 +929,7 @@ impl Server {
                     .await?
                     .filter(|t| t.room_nid == room.nid)
                     .ok_or_else(|| Error::not_found("Event to redact not found"))?;
-                let pl = needed.get(&(StateEventType::RoomPowerLevels, String::new()));
-                let create = needed.get(&(StateEventType::RoomCreate, String::new()));
-                let power = crate::power::PowerLevels::from_state(
-                    pl.map(|p| &**p),
-                    create.map(|p| &**p),
-                    &room.rules,
-                );
+                let power = crate::power::PowerLevels::from_auth(&needed, &room.rules);
                 if target.pdu.sender != item.sender && !power.can_redact(&item.sender) {
                     return Err(Error::forbidden("You may not redact this event"));
                 }
@@ -1012,7 +1061,10 @@ impl Server {
                 write.settled_redactions.push(pdu.event_id.to_string());
             }
             if let Some(p) = &b.late.awaits {
-                self.late_redactions.store(true, Ordering::Release);
+                self.late_targets
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p.target_event_id.clone());
                 write.pending_redactions.push(p.clone());
                 head.awaiting_redactions.push((*pos, p.clone()));
             }

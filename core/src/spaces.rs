@@ -8,7 +8,7 @@
 //! their answers with [`Server::may_see_remote`]); the federation endpoint answers one level
 //! with [`Server::federation_hierarchy`].
 
-use std::cmp::Ordering;
+use std::{cmp::Ordering, collections::HashMap};
 
 use ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName, UserId};
 use serde_json::{json, Value};
@@ -149,13 +149,14 @@ impl Server {
         if !self.has_state(&room).await? {
             return Ok(SpaceEntry::Unknown);
         }
-        let summary = self.directory_summary(&room).await?;
-        if !self.may_see(&room, &summary, requester).await? {
+        let state = self.current_state(&room).await?;
+        let members = self.members(room.nid).await?;
+        let summary = self.summary_in(&room, &state, &members).await?;
+        if !self.may_see(&room, &summary, &members, requester).await? {
             return Ok(SpaceEntry::Inaccessible);
         }
         let mut children = Vec::new();
         if summary.room_type.as_deref() == Some("m.space") {
-            let state = self.current_state(&room).await?;
             for ev in self.state_events(&state).await? {
                 if ev.pdu.kind.to_string() != "m.space.child" {
                     continue;
@@ -190,10 +191,10 @@ impl Server {
         &self,
         room: &RoomInfo,
         summary: &RoomSummary,
+        members: &HashMap<String, String>,
         requester: Requester<'_>,
     ) -> Result<bool> {
         let auth = &room.rules.authorization;
-        let members = self.members(room.nid).await?;
         match requester {
             Requester::User(user) => {
                 let membership = members.get(user.as_str()).map(String::as_str);
@@ -216,40 +217,35 @@ impl Server {
                 {
                     return Ok(true);
                 }
-                for allowed in &summary.allowed_room_ids {
-                    let Ok(id) = OwnedRoomId::try_from(allowed.as_str()) else {
-                        continue;
-                    };
-                    if let Some(r) = self.room(&id).await? {
-                        if self
-                            .members(r.nid)
-                            .await?
-                            .iter()
-                            .any(|(u, m)| u.ends_with(&suffix) && m == "join")
-                        {
-                            return Ok(true);
-                        }
-                    }
-                }
-                Ok(false)
+                self.any_room_where(&summary.allowed_room_ids, |m| {
+                    m.iter().any(|(u, s)| u.ends_with(&suffix) && s == "join")
+                })
+                .await
             }
         }
     }
 
     /// Whether `user` is joined to any of `rooms` here.
     async fn joined_any(&self, user: &UserId, rooms: &[String]) -> Result<bool> {
+        self.any_room_where(rooms, |m| {
+            m.get(user.as_str()).map(String::as_str) == Some("join")
+        })
+        .await
+    }
+
+    /// Whether the members (`user → membership`) of any of `rooms` that we know satisfy
+    /// `test`.
+    async fn any_room_where(
+        &self,
+        rooms: &[String],
+        test: impl Fn(&HashMap<String, String>) -> bool,
+    ) -> Result<bool> {
         for allowed in rooms {
             let Ok(id) = OwnedRoomId::try_from(allowed.as_str()) else {
                 continue;
             };
             if let Some(r) = self.room(&id).await? {
-                if self
-                    .members(r.nid)
-                    .await?
-                    .get(user.as_str())
-                    .map(String::as_str)
-                    == Some("join")
-                {
+                if test(&*self.members(r.nid).await?) {
                     return Ok(true);
                 }
             }

@@ -43,9 +43,11 @@ impl StateCache {
         if let Some(n) = self.cached_nid(event_type, state_key) {
             return Ok(n);
         }
-        let nid = store.intern_state_key(event_type, state_key).await?;
-        self.remember(nid, event_type, state_key);
-        Ok(nid)
+        let pair = [(event_type.to_owned(), state_key.to_owned())];
+        let nids = self.intern_all(store, &pair).await?;
+        nids.first()
+            .copied()
+            .ok_or_else(|| Error::internal("state key not interned"))
     }
 
     /// The IDs of many pairs, interning the new ones in one transaction.

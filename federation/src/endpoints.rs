@@ -23,7 +23,7 @@ use myelin_core::{
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::{auth::Signed, FedResult, FedState, Federation};
+use crate::{auth::Signed, inbound::parse_pdu, FedResult, FedState, Federation};
 
 /// Most PDUs and EDUs in one inbound transaction.
 const MAX_TXN_PDUS: usize = 50;
@@ -91,6 +91,18 @@ async fn require_acl(server: &Server, room: &RoomInfo, origin: &ServerName) -> F
     }
 }
 
+/// The room of a membership handshake from `origin`: known here, and not denied to `origin`
+/// by its server ACL.
+async fn acl_room(
+    server: &Server,
+    room_id: String,
+    origin: &ServerName,
+) -> FedResult<Arc<RoomInfo>> {
+    let room = known_room(server, room_id).await?;
+    require_acl(server, &room, origin).await?;
+    Ok(room)
+}
+
 /// Refuses servers without a member in the room (joined, invited or knocking), and servers the
 /// room's server ACL denies.
 async fn require_in_room(server: &Server, room: &RoomInfo, origin: &ServerName) -> FedResult<()> {
@@ -154,9 +166,9 @@ async fn send_transaction(
         .into());
     }
     // In order; an event that extends the previous one is queued for the writer without
-    // awaiting that one's commit, so a transaction's events share the writer's commits. What
-    // refers to a queued event otherwise (as an auth event, or as a parent beside others)
-    // waits until the queued ones are written.
+    // awaiting that one's commit, so a transaction's events share the writer's commits. One
+    // that refers to a queued event otherwise (as an auth event, or as a parent beside
+    // others) is handled once the queued ones are written.
     let mut results = Map::new();
     let mut queued: Vec<(String, QueuedIngest)> = Vec::new();
     for value in pdus {
@@ -165,18 +177,8 @@ async fn send_transaction(
             Err(e) => Err(e),
             Ok((room, pdu)) => {
                 let id = pdu.event_id.to_string();
-                if queued.iter().any(|(q, _)| *q == id) {
-                    continue;
-                }
-                if pdu
-                    .auth_events
-                    .iter()
-                    .any(|a| queued.iter().any(|(q, _)| q == a.as_str()))
-                {
-                    finish_queued(fed, &origin, &mut queued, &mut results).await;
-                }
                 let mut started = fed.start_pdu(&origin, &room, pdu.clone()).await;
-                if matches!(started, Ok(Ingesting::ParentPending)) {
+                if matches!(started, Ok(Ingesting::InFlight)) {
                     finish_queued(fed, &origin, &mut queued, &mut results).await;
                     started = fed
                         .handle_pdu(&origin, &room, pdu, false)
@@ -189,7 +191,9 @@ async fn send_transaction(
                         continue;
                     }
                     Ok(Ingesting::Done(done)) => pdu_result(&origin, &id, Ok(done)),
-                    Ok(Ingesting::ParentPending) => Err("a parent is still being stored".into()),
+                    Ok(Ingesting::InFlight) => {
+                        Err("an event it refers to is still being stored".into())
+                    }
                     Err(e) => pdu_result(&origin, &id, Err(e)),
                 }
             }
@@ -274,22 +278,19 @@ async fn receive_pdu(
         .server_acl_allows(&room, origin)
         .await
         .unwrap_or(false);
-    // The event ID first, so a refusal can name the event.
-    let id = myelin_core::ruma::CanonicalJsonValue::try_from(value.clone())
-        .ok()
-        .and_then(|v| match v {
-            myelin_core::ruma::CanonicalJsonValue::Object(o) => Some(o),
-            _ => None,
-        })
-        .and_then(|o| myelin_core::server::pdu_from_federation(&o, &room.version).ok())
-        .map(|p| p.event_id.to_string());
+    // Parsed first, so a refusal can name the event.
+    let (obj, pdu) = match parse_pdu(&room, value) {
+        Ok(parsed) => parsed,
+        Err(e) => return (None, Err(e.message())),
+    };
+    let id = Some(pdu.event_id.to_string());
     if denied {
         return (
             id,
             Err("your server is denied by the room's server ACL".into()),
         );
     }
-    match fed.verify_pdu(&room, value).await {
+    match fed.verify_parsed(&room, &obj, pdu).await {
         Ok(pdu) => (id, Ok((room, pdu))),
         Err(e) => (id, Err(e.message())),
     }
@@ -316,8 +317,7 @@ async fn template(
     let server = &fed(st).server;
     let user: OwnedUserId = parse(user_id, "user ID")?;
     require_own_user(&user, &signed.origin)?;
-    let room = known_room(server, room_id).await?;
-    require_acl(server, &room, &signed.origin).await?;
+    let room = acl_room(server, room_id, &signed.origin).await?;
     if let Some(versions) = versions {
         let supported = if versions.is_empty() {
             vec!["1".to_owned()]
@@ -385,13 +385,11 @@ async fn make_knock(
 async fn accept_membership(
     st: &FedState,
     signed: &Signed,
-    room_id: String,
+    room: Arc<RoomInfo>,
     event_id: String,
     membership: &str,
 ) -> FedResult<(Arc<RoomInfo>, Arc<StoredEvent>)> {
     let fed = fed(st);
-    let room = known_room(&fed.server, room_id).await?;
-    require_acl(&fed.server, &room, &signed.origin).await?;
     let value = signed
         .body
         .clone()
@@ -436,7 +434,7 @@ async fn accept_membership(
 async fn authorise_restricted_join(
     st: &FedState,
     signed: &mut Signed,
-    room_id: &str,
+    room: &RoomInfo,
 ) -> FedResult<()> {
     let server = &fed(st).server;
     let Some(body) = signed.body.as_mut() else {
@@ -453,13 +451,12 @@ async fn authorise_restricted_join(
     if named.server_name() != server.server_name() {
         return Ok(()); // Another resident server vouches; its signature is its own business.
     }
-    let room = known_room(server, room_id.to_owned()).await?;
     let sender = body
         .get("sender")
         .and_then(Value::as_str)
         .and_then(|u| OwnedUserId::try_from(u).ok())
         .ok_or_else(|| Error::bad_json("join without a valid sender"))?;
-    match server.join_authorisation(&room, &sender).await? {
+    match server.join_authorisation(room, &sender).await? {
         JoinAuthorisation::By(_) => {}
         JoinAuthorisation::NotNeeded => {
             return Err(Error::bad_json(
@@ -468,10 +465,7 @@ async fn authorise_restricted_join(
             .into())
         }
     }
-    let mut obj = match myelin_core::ruma::CanonicalJsonValue::try_from(body.clone()) {
-        Ok(myelin_core::ruma::CanonicalJsonValue::Object(o)) => o,
-        _ => return Err(Error::bad_json("event is not canonical JSON").into()),
-    };
+    let mut obj = myelin_core::pdu::canonical_object(body.clone())?;
     myelin_core::pdu::countersign(&mut obj, server.server_name(), &server.key, &room.rules)?;
     *body = serde_json::to_value(&obj)?;
     Ok(())
@@ -482,9 +476,10 @@ async fn send_join(
     Path((room_id, event_id)): Path<(String, String)>,
     mut signed: Signed,
 ) -> FedResult<Json<Value>> {
-    authorise_restricted_join(&st, &mut signed, &room_id).await?;
-    let (room, ev) = accept_membership(&st, &signed, room_id, event_id, "join").await?;
     let server = &fed(&st).server;
+    let room = acl_room(server, room_id, &signed.origin).await?;
+    authorise_restricted_join(&st, &mut signed, &room).await?;
+    let (room, ev) = accept_membership(&st, &signed, room, event_id, "join").await?;
     let state_group = ev
         .state_before
         .ok_or_else(|| Error::internal("join without state"))?;
@@ -516,7 +511,8 @@ async fn send_leave(
     Path((room_id, event_id)): Path<(String, String)>,
     signed: Signed,
 ) -> FedResult<Json<Value>> {
-    accept_membership(&st, &signed, room_id, event_id, "leave").await?;
+    let room = acl_room(&fed(&st).server, room_id, &signed.origin).await?;
+    accept_membership(&st, &signed, room, event_id, "leave").await?;
     Ok(Json(json!({})))
 }
 
@@ -525,8 +521,9 @@ async fn send_knock(
     Path((room_id, event_id)): Path<(String, String)>,
     signed: Signed,
 ) -> FedResult<Json<Value>> {
-    let (room, ev) = accept_membership(&st, &signed, room_id, event_id, "knock").await?;
     let server = &fed(&st).server;
+    let room = acl_room(server, room_id, &signed.origin).await?;
+    let (room, ev) = accept_membership(&st, &signed, room, event_id, "knock").await?;
     let stripped = server.stripped_state(&room, ev.nid).await?;
     Ok(Json(json!({ "knock_room_state": stripped })))
 }

@@ -26,30 +26,47 @@ use crate::Federation;
 
 /// Parents fetched for one event at most (beyond that, the gap is crossed by asking for the
 /// state at the missing parents).
-pub const MAX_MISSING: usize = 50;
+const MAX_MISSING: usize = 50;
 /// Events accepted over a gap while handling one incoming event (its fetched parents').
 const MAX_GAPS_PER_EVENT: usize = 3;
+
+/// An event received from another server as canonical JSON and parsed for its room version
+/// (format checked, event ID computed); not verified yet.
+pub fn parse_pdu(room: &RoomInfo, value: &Value) -> Result<(CanonicalJsonObject, Pdu)> {
+    let obj: CanonicalJsonObject =
+        match myelin_core::ruma::CanonicalJsonValue::try_from(value.clone()) {
+            Ok(myelin_core::ruma::CanonicalJsonValue::Object(o)) => o,
+            _ => return Err(Error::bad_json("event is not canonical JSON")),
+        };
+    let pdu = pdu_from_federation(&obj, &room.version)?;
+    Ok((obj, pdu))
+}
 
 impl Federation {
     /// Parses and verifies an event received from another server: format, the signatures
     /// of every server that must sign it (keys valid at its `origin_server_ts`), and its content
     /// hash (a mismatch gives the redacted event, as the spec requires).
     pub async fn verify_pdu(&self, room: &RoomInfo, value: &Value) -> Result<Pdu> {
-        let obj: CanonicalJsonObject =
-            match myelin_core::ruma::CanonicalJsonValue::try_from(value.clone()) {
-                Ok(myelin_core::ruma::CanonicalJsonValue::Object(o)) => o,
-                _ => return Err(Error::bad_json("event is not canonical JSON")),
-            };
-        let pdu = pdu_from_federation(&obj, &room.version)?;
+        let (obj, pdu) = parse_pdu(room, value)?;
+        self.verify_parsed(room, &obj, pdu).await
+    }
+
+    /// [`Federation::verify_pdu`] for an event [`parse_pdu`] gave.
+    pub async fn verify_parsed(
+        &self,
+        room: &RoomInfo,
+        obj: &CanonicalJsonObject,
+        pdu: Pdu,
+    ) -> Result<Pdu> {
         if pdu.room_id != room.room_id {
             return Err(Error::bad_json("event is for another room"));
         }
-        let servers = required_server_signatures_to_verify_event(&obj, &room.rules.signatures)
+        let servers = required_server_signatures_to_verify_event(obj, &room.rules.signatures)
             .map_err(|e| Error::forbidden(format!("signatures: {e}")))?;
         let ts = u64::from(pdu.origin_server_ts.0) as i64;
         let wanted: Vec<(OwnedServerName, i64)> = servers.into_iter().map(|s| (s, ts)).collect();
         let keys = self.keys.public_key_map(&wanted).await;
-        match verify_event(&keys, &obj, &room.rules) {
+        match verify_event(&keys, obj, &room.rules) {
             Ok(Verified::All) => Ok(pdu),
             Ok(Verified::Signatures) => {
                 tracing::info!(event = %pdu.event_id, "content hash mismatch: keeping the redacted form");
@@ -75,7 +92,7 @@ impl Federation {
     }
 
     /// Adds a verified event to its room, fetching missing auth events and parents from
-    /// `origin` first. `depth` bounds the recursion through fetched parents.
+    /// `origin` first.
     pub async fn handle_pdu(
         &self,
         origin: &ServerName,
@@ -83,20 +100,29 @@ impl Federation {
         pdu: Pdu,
         relay: bool,
     ) -> Result<Ingested> {
+        let first = self
+            .server
+            .ingest_pdu_over_gap(room, pdu.clone(), relay.then_some(origin), &HashMap::new())
+            .await?;
+        self.fetch_missing(origin, room, pdu, relay, first).await
+    }
+
+    /// After an attempt to add `pdu` gave `outcome`: while it lacks events, fetches them from
+    /// `origin` (its auth chain, then its missing parents, then the state after them to cross
+    /// the gap) and tries again.
+    async fn fetch_missing(
+        &self,
+        origin: &ServerName,
+        room: &Arc<RoomInfo>,
+        pdu: Pdu,
+        relay: bool,
+        mut outcome: Ingested,
+    ) -> Result<Ingested> {
         let relay_from = relay.then_some(origin);
         let mut fetched_auth = false;
         let mut fetched_prev = false;
         let mut gap: Option<HashMap<OwnedEventId, Arc<StateMap>>> = None;
         loop {
-            let outcome = self
-                .server
-                .ingest_pdu_over_gap(
-                    room,
-                    pdu.clone(),
-                    relay_from,
-                    gap.as_ref().unwrap_or(&HashMap::new()),
-                )
-                .await?;
             let Ingested::Missing(missing) = outcome else {
                 return Ok(outcome);
             };
@@ -115,13 +141,23 @@ impl Federation {
             } else {
                 return Ok(Ingested::Missing(missing));
             }
+            outcome = self
+                .server
+                .ingest_pdu_over_gap(
+                    room,
+                    pdu.clone(),
+                    relay_from,
+                    gap.as_ref().unwrap_or(&HashMap::new()),
+                )
+                .await?;
         }
     }
 
     /// [`Federation::handle_pdu`] for the events of one transaction, in order: an event that
     /// extends what the room holds (its parent's commit possibly still in flight) is queued
     /// for the writer and returned as [`Ingesting::Queued`]; one whose parent is in flight
-    /// otherwise gives [`Ingesting::ParentPending`]; anything else is handled in full.
+    /// otherwise, or an auth event in flight, gives [`Ingesting::InFlight`]; anything else is
+    /// handled in full.
     pub async fn start_pdu(
         &self,
         origin: &ServerName,
@@ -133,8 +169,9 @@ impl Federation {
             .start_ingest(room, pdu.clone(), None, &HashMap::new(), true)
             .await?;
         match first {
-            Ingesting::Done(Ingested::Missing(_)) => Ok(Ingesting::Done(
-                self.handle_pdu(origin, room, pdu, false).await?,
+            Ingesting::Done(missing @ Ingested::Missing(_)) => Ok(Ingesting::Done(
+                self.fetch_missing(origin, room, pdu, false, missing)
+                    .await?,
             )),
             other => Ok(other),
         }

@@ -469,20 +469,7 @@ pub fn verify_key_response(
         }
     }
     // Only the origin's own signatures count (a notary may have added its own).
-    let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") else {
-        return Err("no signatures".to_owned());
-    };
-    let own = signatures
-        .get(origin.as_str())
-        .cloned()
-        .ok_or_else(|| format!("not signed by {origin}"))?;
-    let mut own_only = object.clone();
-    own_only.insert(
-        "signatures".to_owned(),
-        CanonicalJsonValue::Object(CanonicalJsonObject::from([(origin.to_string(), own)])),
-    );
-    let map = PublicKeyMap::from([(origin.to_string(), public)]);
-    verify_json(&map, &own_only).map_err(|e| format!("self-signature: {e}"))?;
+    verify_signed_by(&object, origin, public).map_err(|e| format!("self-signature: {e}"))?;
     Ok(VerifiedKeys {
         keys,
         valid_until_ts,
@@ -500,22 +487,33 @@ pub fn verify_notarised(
     now: i64,
 ) -> Result<VerifiedKeys, String> {
     let checked = verify_key_response(origin, response, now)?;
-    let mut object: CanonicalJsonObject =
+    let object: CanonicalJsonObject =
         serde_json::from_value(response.clone()).map_err(|e| format!("not canonical JSON: {e}"))?;
+    verify_signed_by(&object, notary, notary_keys.clone())
+        .map_err(|e| format!("notary signature: {e}"))?;
+    Ok(checked)
+}
+
+/// Checks the signature of `by` on `object` with `keys`, ignoring any other server's.
+fn verify_signed_by(
+    object: &CanonicalJsonObject,
+    by: &ServerName,
+    keys: BTreeMap<String, Base64>,
+) -> Result<(), String> {
     let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") else {
         return Err("no signatures".to_owned());
     };
-    let by_notary = signatures
-        .get(notary.as_str())
+    let theirs = signatures
+        .get(by.as_str())
         .cloned()
-        .ok_or_else(|| format!("not signed by the notary {notary}"))?;
-    object.insert(
+        .ok_or_else(|| format!("not signed by {by}"))?;
+    let mut only = object.clone();
+    only.insert(
         "signatures".to_owned(),
-        CanonicalJsonValue::Object(CanonicalJsonObject::from([(notary.to_string(), by_notary)])),
+        CanonicalJsonValue::Object(CanonicalJsonObject::from([(by.to_string(), theirs)])),
     );
-    let map = PublicKeyMap::from([(notary.to_string(), notary_keys.clone())]);
-    verify_json(&map, &object).map_err(|e| format!("notary signature: {e}"))?;
-    Ok(checked)
+    let map = PublicKeyMap::from([(by.to_string(), keys)]);
+    verify_json(&map, &only).map_err(|e| e.to_string())
 }
 
 fn key_of(entry: &CanonicalJsonValue) -> Option<String> {

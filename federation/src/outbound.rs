@@ -53,10 +53,9 @@ impl Federation {
     /// Completes and signs an event template from `make_join`/`make_leave`.
     fn sign_template(
         &self,
-        template: &Value,
+        mut value: Value,
         version: &RoomVersionId,
     ) -> Result<(CanonicalJsonObject, Pdu)> {
-        let mut value = template.clone();
         let obj_mut = value
             .as_object_mut()
             .ok_or_else(|| Error::bad_json("the event template is not an object"))?;
@@ -140,7 +139,7 @@ impl Federation {
         if let Some(reason) = reason {
             template["content"]["reason"] = json!(reason);
         }
-        let (obj, pdu) = self.sign_template(&template, &version)?;
+        let (obj, pdu) = self.sign_template(template, &version)?;
         Ok((version, obj, pdu))
     }
 

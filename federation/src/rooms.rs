@@ -15,7 +15,7 @@ use axum::{
     Json,
 };
 use myelin_core::{
-    directory::PublicRoomsQuery,
+    directory::{parse_limit, PublicRoomsBody, PublicRoomsQuery},
     ruma::{OwnedRoomId, OwnedServerName, RoomId, ServerName},
     Error, Result,
 };
@@ -75,9 +75,8 @@ impl Federation {
         &self,
         destination: &ServerName,
         q: &PublicRoomsQuery,
-        include_all_networks: bool,
-        third_party_instance_id: Option<String>,
     ) -> Result<Value> {
+        let include_all_networks = q.include_all_networks;
         let filtered = q.term.is_some() || !q.room_types.is_empty();
         let resp = if filtered {
             let mut filter = json!({});
@@ -95,7 +94,7 @@ impl Federation {
             if let Some(s) = &q.since {
                 body["since"] = json!(s);
             }
-            if let Some(t) = &third_party_instance_id {
+            if let Some(t) = &q.third_party_instance_id {
                 body["third_party_instance_id"] = json!(t);
             }
             self.client
@@ -114,7 +113,7 @@ impl Federation {
             if let Some(s) = &q.since {
                 params.push(format!("since={}", encode(s)));
             }
-            if let Some(t) = &third_party_instance_id {
+            if let Some(t) = &q.third_party_instance_id {
                 params.push(format!("third_party_instance_id={}", encode(t)));
             }
             let path = format!("/_matrix/federation/v1/publicRooms?{}", params.join("&"));
@@ -200,37 +199,16 @@ pub(crate) async fn public_rooms_get(
     Query(q): Query<PublicRoomsParams>,
     _signed: Signed,
 ) -> FedResult<Json<Value>> {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => None,
-        Some(l) => Some(
-            l.parse::<i64>()
-                .map_err(|_| Error::invalid_param("invalid limit"))?,
-        ),
-    };
+    let limit = parse_limit(q.limit.as_deref())?;
     let all = bool_param(q.include_all_networks.as_deref(), "include_all_networks")?;
     let query = PublicRoomsQuery {
         limit,
         since: q.since,
-        third_party_only: !all && q.third_party_instance_id.is_some(),
+        include_all_networks: all,
+        third_party_instance_id: q.third_party_instance_id,
         ..Default::default()
     };
     Ok(Json(st.0.server.public_rooms(query).await?))
-}
-
-#[derive(Deserialize, Default)]
-struct Filter {
-    generic_search_term: Option<String>,
-    room_types: Option<Vec<Option<String>>>,
-}
-
-#[derive(Deserialize)]
-struct PublicRoomsBody {
-    limit: Option<i64>,
-    since: Option<String>,
-    filter: Option<Filter>,
-    #[serde(default)]
-    include_all_networks: bool,
-    third_party_instance_id: Option<String>,
 }
 
 /// `POST /publicRooms`: our directory, filtered.
@@ -244,15 +222,7 @@ pub(crate) async fn public_rooms_post(
         .ok_or_else(|| Error::new(myelin_core::ErrorKind::NotJson, "Body must be JSON"))?;
     let b: PublicRoomsBody =
         serde_json::from_value(body).map_err(|e| Error::bad_json(e.to_string()))?;
-    let filter = b.filter.unwrap_or_default();
-    let query = PublicRoomsQuery {
-        limit: b.limit,
-        since: b.since,
-        term: filter.generic_search_term,
-        room_types: filter.room_types.unwrap_or_default(),
-        third_party_only: !b.include_all_networks && b.third_party_instance_id.is_some(),
-    };
-    Ok(Json(st.0.server.public_rooms(query).await?))
+    Ok(Json(st.0.server.public_rooms(b.into()).await?))
 }
 
 /// `GET /hierarchy/{roomId}?suggested_only=`.

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Parser;
+use complement_tests::bench::{ms, round3, Stats};
+use complement_tests::client::string_field;
 use complement_tests::federation::{self, event_id, message_event, Peer};
 use complement_tests::{enc, Backend, Client, TestServer};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -131,14 +133,14 @@ async fn measure(args: &Args, a: &TestServer, b: &TestServer) -> Result<Value> {
         "inbound": {
             "pdus": args.pdus,
             "pdus_per_transaction": TXN_PDUS,
-            "seconds": round(inbound.seconds),
-            "pdus_per_s": round(inbound.rate),
+            "seconds": round3(inbound.seconds),
+            "pdus_per_s": round3(inbound.rate),
             "transaction_ms": inbound.txn.json(),
         },
         "remote_join": {
             "members": args.members,
-            "ms": round(join),
-            "small_room_ms": round(small_join_ms),
+            "ms": round3(join),
+            "small_room_ms": round3(small_join_ms),
         },
         "meets_targets": latency.p50 <= 20.0 && inbound.rate >= 2000.0 && join <= 1000.0,
     }))
@@ -152,7 +154,7 @@ async fn sync_latency(args: &Args, alice: &Client, bob: &Client, room: &str) -> 
         "account_data": {"types": []},
     })
     .to_string();
-    let mut since = string(&bob.sync(None, Some(0), Some(&filter)).await?, "next_batch")?;
+    let mut since = string_field(&bob.sync(None, Some(0), Some(&filter)).await?, "next_batch")?;
     const WARMUP: usize = 5;
     let mut samples = Vec::with_capacity(args.iterations);
     for i in 0..WARMUP + args.iterations {
@@ -190,7 +192,7 @@ async fn wait_for_body(
             .sync(Some(&since), Some(30_000), Some(filter))
             .await?;
         let arrived = Instant::now();
-        since = string(&sync, "next_batch")?;
+        since = string_field(&sync, "next_batch")?;
         let seen = sync["rooms"]["join"]
             .as_object()
             .into_iter()
@@ -226,7 +228,7 @@ async fn inbound_stream(
             .iter()
             .find(|e| e["type"] == ty && e["state_key"] == sk)
             .ok_or_else(|| anyhow!("A's room state has no {ty} {sk}"))?;
-        Ok(OwnedEventId::try_from(string(e, "event_id")?)?)
+        Ok(OwnedEventId::try_from(string_field(e, "event_id")?)?)
     };
     let mut auth = vec![
         id_of("m.room.power_levels", "")?,
@@ -352,58 +354,4 @@ async fn big_join(args: &Args, a: &TestServer, b: &TestServer, alice: &Client) -
         );
     }
     Ok(join_ms)
-}
-
-fn string(v: &Value, field: &str) -> Result<String> {
-    v[field]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no {field} in {v}"))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// Order statistics of a sample in milliseconds.
-struct Stats {
-    n: usize,
-    p50: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-impl Stats {
-    fn new(mut xs: Vec<f64>) -> Stats {
-        xs.sort_by(f64::total_cmp);
-        let at = |q: f64| {
-            if xs.is_empty() {
-                return 0.0;
-            }
-            let i = ((xs.len() as f64 - 1.0) * q).round() as usize;
-            xs[i.min(xs.len() - 1)]
-        };
-        Stats {
-            n: xs.len(),
-            p50: at(0.5),
-            p99: at(0.99),
-            max: xs.last().copied().unwrap_or(0.0),
-            mean: xs.iter().sum::<f64>() / xs.len().max(1) as f64,
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "n": self.n,
-            "p50": round(self.p50),
-            "p99": round(self.p99),
-            "max": round(self.max),
-            "mean": round(self.mean),
-        })
-    }
 }

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
+use complement_tests::bench::{ms, round3, Stats};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -547,61 +548,6 @@ impl Poller {
 // ---------------------------------------------------------------------------
 // Statistics and reporting
 // ---------------------------------------------------------------------------
-
-/// Summary of a sample of durations, in milliseconds.
-struct Stats {
-    n: usize,
-    min: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-impl Stats {
-    fn new(mut v: Vec<f64>) -> Self {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let pct = |p: f64| -> f64 {
-            if n == 0 {
-                return f64::NAN;
-            }
-            let rank = ((p / 100.0) * n as f64).ceil() as usize;
-            v[rank.clamp(1, n) - 1]
-        };
-        Stats {
-            n,
-            min: v.first().copied().unwrap_or(f64::NAN),
-            p50: pct(50.0),
-            p99: pct(99.0),
-            max: v.last().copied().unwrap_or(f64::NAN),
-            mean: if n == 0 {
-                f64::NAN
-            } else {
-                v.iter().sum::<f64>() / n as f64
-            },
-        }
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "n": self.n,
-            "min_ms": round3(self.min),
-            "p50_ms": round3(self.p50),
-            "p99_ms": round3(self.p99),
-            "max_ms": round3(self.max),
-            "mean_ms": round3(self.mean),
-        })
-    }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn verdict(ok: bool) -> &'static str {
     if ok {

@@ -25,11 +25,11 @@ use std::time::Instant;
 
 use myelin_core::keys::SigningKey;
 use myelin_core::pdu::{build_pdu, rules_for, EventFrame, NewEvent, Pdu};
-use myelin_core::resolution::{auth_chain, resolve};
+use myelin_core::resolution::resolve;
 use myelin_core::ruma::{
     events::{StateEventType, TimelineEventType},
     room_version_rules::RoomVersionRules,
-    state_res::StateMap,
+    state_res::{utils::event_id_set::EventIdSet, StateMap},
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
     UInt,
 };
@@ -373,6 +373,24 @@ fn check(
         }
     }
     Ok(())
+}
+
+/// The auth chain of `ids` (every event reachable through `auth_events`, `ids` included)
+/// among `pdus`.
+fn auth_chain(
+    ids: impl IntoIterator<Item = OwnedEventId>,
+    pdus: &HashMap<OwnedEventId, Arc<Pdu>>,
+) -> EventIdSet<OwnedEventId> {
+    let mut set = EventIdSet::new();
+    let mut queue: Vec<OwnedEventId> = ids.into_iter().collect();
+    while let Some(id) = queue.pop() {
+        if let Some(p) = pdus.get(&id) {
+            if set.insert(id) {
+                queue.extend(p.auth_events.iter().cloned());
+            }
+        }
+    }
+    set
 }
 
 /// The process's peak resident set (`VmHWM`), in KiB.

@@ -13,7 +13,7 @@
 //! Fetching is the federation crate's job: these functions say what they lack
 //! ([`Ingested::Missing`]) and are called again once it is stored.
 
-use super::remote::{check_auth, AuthState};
+use super::remote::{check_auth, AuthState, Parents};
 use super::*;
 use crate::store::{EventWrite, HistoricalWrite};
 
@@ -28,24 +28,12 @@ impl Server {
         prev: &OwnedEventId,
         state_ids: &[OwnedEventId],
     ) -> Result<Arc<StateMap>> {
-        let mut map = StateMap::new();
-        let mut left_out = 0usize;
-        for id in state_ids.iter().chain(std::iter::once(prev)) {
-            let Some(e) = self.event_by_id(id).await? else {
-                left_out += 1;
-                continue;
-            };
-            if e.rejected || e.room_nid != room.nid {
-                continue;
-            }
-            if let Some(sk) = &e.pdu.state_key {
-                let k = self
-                    .state
-                    .intern(&self.store, &e.pdu.kind.to_string(), sk)
-                    .await?;
-                map.insert(k, e.nid);
-            }
-        }
+        let ids: Vec<OwnedEventId> = state_ids
+            .iter()
+            .chain(std::iter::once(prev))
+            .cloned()
+            .collect();
+        let (map, left_out) = self.state_map_of(room, &ids).await?;
         if left_out > 0 {
             tracing::info!(room = %room.room_id, %prev, left_out, "state at a missing event: some events could not be had");
         }
@@ -89,25 +77,12 @@ impl Server {
             return self.refuse_historical(room, &pdu, held, why).await;
         }
         // Parents: held in the timeline, or their state reported by another server.
-        let mut groups = Vec::new();
-        let mut reported = Vec::new();
-        let mut backward_add = Vec::new();
-        let mut missing = Vec::new();
-        for id in &pdu.prev_events {
-            match self.event_by_id(id).await? {
-                Some(e) if !e.outlier && e.state_after.is_some() => {
-                    groups.extend(e.state_after);
-                }
-                Some(e) if e.rejected => {}
-                _ => match gap.get(id) {
-                    Some(state) => {
-                        reported.push(state.clone());
-                        backward_add.push((id.to_string(), pdu.depth));
-                    }
-                    None => missing.push(id.clone()),
-                },
-            }
-        }
+        let Parents {
+            groups,
+            reported,
+            reported_ids: backward_add,
+            missing,
+        } = self.parents_of(&pdu, gap, &[]).await?;
         if !missing.is_empty() {
             return Ok(Ingested::Missing(missing));
         }
@@ -117,28 +92,18 @@ impl Server {
                 .refuse_historical(room, &pdu, held, "every parent was rejected".into())
                 .await;
         }
-        groups.sort();
-        groups.dedup();
         // 2. Against the state before it.
         let mut extra_groups = Vec::new();
         let mut new_maps = Vec::new();
         let (before_group, before_map, before_chain) = if is_create {
             (0, Arc::new(StateMap::new()), 0)
-        } else if groups.len() == 1 && reported.is_empty() {
-            let (m, chain) = self.state.group(&self.store, groups[0]).await?;
-            (groups[0], m, chain)
         } else {
-            let mut maps = Vec::with_capacity(groups.len() + reported.len());
-            for g in &groups {
-                maps.push(self.state_map(*g).await?);
+            let (group, map, chain, write) = self.state_before(room, &groups, reported).await?;
+            if let Some(w) = write {
+                extra_groups.push(w);
+                new_maps.push((group, map.clone(), chain));
             }
-            maps.extend(reported);
-            let resolved = Arc::new(self.resolve_states(room, &maps, None).await?);
-            let (g, chain) = self.group_for(None, &resolved);
-            let group = g.group;
-            extra_groups.push(g);
-            new_maps.push((group, resolved.clone(), chain));
-            (group, resolved, chain)
+            (group, map, chain)
         };
         let before_auth = self.auth_state_from(&room.rules, &before_map, &pdu).await?;
         if let Err(why) = check_auth(&room.rules, &pdu, &before_auth) {

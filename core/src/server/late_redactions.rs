@@ -48,11 +48,15 @@ impl Server {
         let Some(target_id) = &pdu.redacts else {
             return Ok(None);
         };
-        let power_ok = power.can_redact(&pdu.sender);
-        let allowed =
-            |target: &Pdu| power_ok || target.sender.server_name() == pdu.sender.server_name();
+        let redaction = PendingRedaction {
+            target_event_id: target_id.to_string(),
+            redaction_event_id: pdu.event_id.to_string(),
+            room_nid: room.nid,
+            sender_server: pdu.sender.server_name().to_string(),
+            power_ok: power.can_redact(&pdu.sender),
+        };
         if let Some(t) = self.event_by_id(target_id).await? {
-            if t.room_nid == room.nid && t.redacted_by.is_none() && allowed(&t.pdu) {
+            if t.redacted_by.is_none() && qualifies(&redaction, t.room_nid, &t.pdu) {
                 let json = redact_json(&t.pdu.json, &room.rules)?;
                 return Ok(Some((t.nid, json.get().to_owned())));
             }
@@ -64,19 +68,13 @@ impl Server {
             .iter()
             .find(|(_, (_, p))| p.event_id == *target_id)
         {
-            if !t.redacted && allowed(t) {
+            if !t.redacted && qualifies(&redaction, room.nid, t) {
                 let json = redact_json(&t.json, &room.rules)?;
                 return Ok(Some((*nid, json.get().to_owned())));
             }
             return Ok(None);
         }
-        late.awaits = Some(PendingRedaction {
-            target_event_id: target_id.to_string(),
-            redaction_event_id: pdu.event_id.to_string(),
-            room_nid: room.nid,
-            sender_server: pdu.sender.server_name().to_string(),
-            power_ok,
-        });
+        late.awaits = Some(redaction);
         Ok(None)
     }
 
@@ -90,7 +88,7 @@ impl Server {
         pdu: Arc<Pdu>,
         late: &mut LateRedaction,
     ) -> Result<Arc<Pdu>> {
-        let mut waiting = if self.late_redactions.load(Ordering::Acquire) {
+        let mut waiting = if self.may_be_awaited(std::iter::once(pdu.event_id.as_str())) {
             self.store
                 .pending_redactions_for(pdu.event_id.as_str())
                 .await?
@@ -115,13 +113,20 @@ impl Server {
         Ok(Arc::new(redacted_pdu(&pdu, &room.rules)?))
     }
 
-    /// The redactions waiting in a room, for a batch of outliers (`store_outliers`); empty
-    /// for a room with none, which is the usual case.
-    pub(super) async fn waiting_redactions_in_room(
+    /// Whether a redaction may be waiting for one of `ids` (`late_targets`).
+    fn may_be_awaited<'a>(&self, mut ids: impl Iterator<Item = &'a str>) -> bool {
+        let targets = self.late_targets.read().unwrap_or_else(|e| e.into_inner());
+        !targets.is_empty() && ids.any(|id| targets.contains(id))
+    }
+
+    /// The redactions waiting in a room, for a batch of outliers (`store_outliers`) with
+    /// event IDs `ids`; empty when none waits for one of them, which is the usual case.
+    pub(super) async fn waiting_redactions_in_room<'a>(
         &self,
         room: &RoomInfo,
+        ids: impl Iterator<Item = &'a str>,
     ) -> Result<Vec<PendingRedaction>> {
-        if !self.late_redactions.load(Ordering::Acquire) {
+        if !self.may_be_awaited(ids) {
             return Ok(Vec::new());
         }
         self.store.pending_redactions_in_room(room.nid).await

@@ -40,9 +40,10 @@ pub enum Ingesting {
     Done(Ingested),
     /// Authorised and queued for the writer; [`Server::finish_ingest`] awaits its commit.
     Queued(QueuedIngest),
-    /// A parent is still being written and the event does not simply extend the room's only
-    /// forward extremity: ask again once the writes in flight are done.
-    ParentPending,
+    /// An event it refers to (an auth event, or a parent when it does not simply extend the
+    /// room's only forward extremity) is still being written: ask again once the writes in
+    /// flight are done.
+    InFlight,
 }
 
 /// An accepted event whose commit is in flight.
@@ -50,6 +51,19 @@ pub struct QueuedIngest {
     room: Arc<RoomInfo>,
     generation: u64,
     done: tokio::sync::oneshot::Receiver<Result<Vec<Arc<StoredEvent>>>>,
+}
+
+/// The parents of an event, sorted out by [`Server::parents_of`].
+#[derive(Default)]
+pub(super) struct Parents {
+    /// The state groups after those held in the timeline (sorted, without repeats).
+    pub groups: Vec<i64>,
+    /// The states another server reported after those not held, and those parents with the
+    /// event's depth (backward extremities to be).
+    pub reported: Vec<Arc<StateMap>>,
+    pub reported_ids: Vec<(String, i64)>,
+    /// Neither held nor reported.
+    pub missing: Vec<OwnedEventId>,
 }
 
 /// `(type, state_key) → event` for the auth rules.
@@ -86,12 +100,7 @@ pub fn redacted_pdu(pdu: &Pdu, rules: &RoomVersionRules) -> Result<Pdu> {
     Pdu::parse(pdu.event_id.clone(), pdu.room_id.clone(), json, true)
 }
 
-pub(super) fn outlier_row(
-    nid: i64,
-    pdu: &Pdu,
-    rejected: bool,
-    stream_ordering: Option<i64>,
-) -> OutlierWrite {
+fn outlier_row(nid: i64, pdu: &Pdu, rejected: bool, stream_ordering: Option<i64>) -> OutlierWrite {
     OutlierWrite {
         event_nid: nid,
         event_id: pdu.event_id.to_string(),
@@ -274,7 +283,8 @@ impl Server {
         let waiting = if pending.is_empty() {
             Vec::new()
         } else {
-            self.waiting_redactions_in_room(room).await?
+            self.waiting_redactions_in_room(room, pending.keys().map(|id| id.as_str()))
+                .await?
         };
         let mut redactions = Vec::new();
         let mut settled = Vec::new();
@@ -575,11 +585,11 @@ impl Server {
         relay_from: Option<&ServerName>,
         gap: &HashMap<OwnedEventId, Arc<StateMap>>,
     ) -> Result<Ingested> {
-        let prev_events = pdu.prev_events.clone();
         match self.start_ingest(room, pdu, relay_from, gap, false).await? {
             Ingesting::Done(outcome) => Ok(outcome),
             Ingesting::Queued(queued) => self.finish_ingest(queued).await,
-            Ingesting::ParentPending => Ok(Ingested::Missing(prev_events)),
+            // Only pipelined ingestion looks at what is in flight.
+            Ingesting::InFlight => Err(Error::internal("unpipelined ingestion waited")),
         }
     }
 
@@ -601,8 +611,8 @@ impl Server {
     /// writer, not awaited. With `pipelined`, an event whose only parent is the room's only
     /// forward extremity is accepted while that parent's commit is still in flight (the
     /// consecutive events of one `/send` transaction share the writer's commits that way);
-    /// another event with a parent in flight gives [`Ingesting::ParentPending`]. Without it,
-    /// a parent in flight counts as missing.
+    /// another event that refers to one in flight gives [`Ingesting::InFlight`]. Without it,
+    /// an event in flight counts as missing.
     pub async fn start_ingest(
         &self,
         room: &Arc<RoomInfo>,
@@ -617,10 +627,34 @@ impl Server {
         if self.event_by_id(&pdu.event_id).await?.is_some() {
             return Ok(Ingesting::Done(Ingested::Known));
         }
+        // Parents and auth events whose commit is in flight (pipelined): not looked for in
+        // the database; what lacks one of them asks again once it is written.
+        let in_flight_refs: Vec<OwnedEventId> = if pipelined {
+            let lock = self.head_lock(room.nid);
+            let guard = lock.lock().await;
+            let committed = self.events_stream.current();
+            guard.as_ref().map_or_else(Vec::new, |h| {
+                pdu.prev_events
+                    .iter()
+                    .chain(&pdu.auth_events)
+                    .filter(|id| h.in_flight(id, committed))
+                    .cloned()
+                    .collect()
+            })
+        } else {
+            Vec::new()
+        };
+        let lacking = |missing: Vec<OwnedEventId>| {
+            if missing.iter().any(|m| in_flight_refs.contains(m)) {
+                Ingesting::InFlight
+            } else {
+                Ingesting::Done(Ingested::Missing(missing))
+            }
+        };
         // 1. Against its own auth events.
         let auth = match self.auth_events_of(room, &pdu, &HashMap::new()).await {
             Ok(Ok(a)) => a,
-            Ok(Err(missing)) => return Ok(Ingesting::Done(Ingested::Missing(missing))),
+            Ok(Err(missing)) => return Ok(lacking(missing)),
             Err(e) => {
                 self.store_outside(room, &pdu, true).await?;
                 return Ok(Ingesting::Done(Ingested::Rejected(e.message())));
@@ -632,48 +666,20 @@ impl Server {
         }
         // Parents: each must be in the timeline (with a state after it), or its state known
         // from another server.
-        let mut prevs = Vec::with_capacity(pdu.prev_events.len());
-        let mut missing = Vec::new();
-        let mut gap_states = Vec::new();
-        let mut gap_ids = Vec::new();
-        // Parents whose commit is in flight (pipelined): not looked for in the database.
-        let in_flight_parents: Vec<OwnedEventId> = if pipelined {
-            let lock = self.head_lock(room.nid);
-            let guard = lock.lock().await;
-            guard.as_ref().map_or_else(Vec::new, |h| {
-                pdu.prev_events
-                    .iter()
-                    .filter(|id| h.pending.values().any(|(_, p)| p.event_id == **id))
-                    .cloned()
-                    .collect()
-            })
-        } else {
-            Vec::new()
-        };
-        for id in &pdu.prev_events {
-            if in_flight_parents.contains(id) {
-                missing.push(id.clone());
-                continue;
-            }
-            match self.event_by_id(id).await? {
-                Some(e) if !e.outlier && e.state_after.is_some() => prevs.push(e),
-                Some(e) if e.rejected => {}
-                _ => match gap.get(id) {
-                    Some(state) => {
-                        gap_states.push(state.clone());
-                        gap_ids.push((id.to_string(), pdu.depth));
-                    }
-                    None => missing.push(id.clone()),
-                },
-            }
-        }
-        // A parent still being written: only with `pipelined`, and only as the room's one
-        // forward extremity (then the state after it is the room's current state).
-        let extends_pending = pipelined && !missing.is_empty() && pdu.prev_events.len() == 1;
+        let Parents {
+            groups,
+            reported,
+            reported_ids,
+            missing,
+        } = self.parents_of(&pdu, gap, &in_flight_refs).await?;
+        // A parent still being written: only as the room's one forward extremity (then the
+        // state after it is the room's current state).
+        let extends_pending =
+            pdu.prev_events.len() == 1 && in_flight_refs.contains(&pdu.prev_events[0]);
         if !missing.is_empty() && !extends_pending {
-            return Ok(Ingesting::Done(Ingested::Missing(missing)));
+            return Ok(lacking(missing));
         }
-        if prevs.is_empty() && gap_states.is_empty() && !extends_pending {
+        if groups.is_empty() && reported.is_empty() && !extends_pending {
             self.store_outside(room, &pdu, true).await?;
             return Ok(Ingesting::Done(Ingested::Rejected(
                 "every parent was rejected".into(),
@@ -684,23 +690,20 @@ impl Server {
         let lock = self.head_lock(room.nid);
         let mut guard = lock.lock().await;
         let mut head = self.load_head(room, &mut guard).await?.clone();
-        let in_flight = |head: &RoomHead, id: &OwnedEventId| {
-            head.pending.values().any(|(_, p)| p.event_id == *id)
-        };
-        if self.event_by_id(&pdu.event_id).await?.is_some() || in_flight(&head, &pdu.event_id) {
+        let committed = self.events_stream.current();
+        if self.event_by_id(&pdu.event_id).await?.is_some()
+            || head.in_flight(&pdu.event_id, committed)
+        {
             return Ok(Ingesting::Done(Ingested::Known));
         }
-        let committed = self.events_stream.current();
         head.pending.retain(|_, (pos, _)| *pos > committed);
         head.awaiting_redactions.retain(|(pos, _)| *pos > committed);
         if extends_pending {
+            // The parent may have been committed since, or the room may have moved on.
             let parent = &pdu.prev_events[0];
-            let only_extremity = matches!(&head.extremities[..], [(id, _, _)] if id == parent);
-            let held = only_extremity
-                && (in_flight(&head, parent) || self.event_by_id(parent).await?.is_some());
-            if !held {
-                return Ok(if in_flight(&head, parent) {
-                    Ingesting::ParentPending
+            if !matches!(&head.extremities[..], [(id, _, _)] if id == parent) {
+                return Ok(if head.in_flight(parent, committed) {
+                    Ingesting::InFlight
                 } else {
                     Ingesting::Done(Ingested::Missing(missing))
                 });
@@ -708,27 +711,15 @@ impl Server {
         }
 
         // 2. Against the state before it (resolved over its parents' states).
-        let mut groups: Vec<i64> = prevs.iter().filter_map(|e| e.state_after).collect();
-        groups.sort();
-        groups.dedup();
-        let mut before_maps = Vec::with_capacity(groups.len());
-        for g in &groups {
-            before_maps.push(self.state_map(*g).await?);
-        }
-        before_maps.extend(gap_states);
         let mut extra_groups = Vec::new();
         let (before_group, before_map, before_chain) = if extends_pending {
             (head.state_group, head.state.clone(), head.chain_len)
-        } else if groups.len() == 1 && gap_ids.is_empty() {
-            let (m, chain) = self.state.group(&self.store, groups[0]).await?;
-            (groups[0], m, chain)
         } else {
-            let resolved = self.resolve_states(room, &before_maps, None).await?;
-            let (g, chain) = self.group_for(None, &resolved);
-            let group = g.group;
-            extra_groups.push(g);
-            let map = Arc::new(resolved);
-            self.state.insert_group(group, map.clone(), chain);
+            let (group, map, chain, write) = self.state_before(room, &groups, reported).await?;
+            if let Some(w) = write {
+                extra_groups.push(w);
+                self.state.insert_group(group, map.clone(), chain);
+            }
             (group, map, chain)
         };
         let before_auth = self.auth_state_from(&room.rules, &before_map, &pdu).await?;
@@ -815,13 +806,7 @@ impl Server {
         // A redaction applies when its sender may redact the target (or both come from one
         // server); otherwise it is kept but changes nothing. One whose target has not arrived
         // waits for it; an event a redaction waited for is stored redacted if that qualifies.
-        let pl = current_auth.get(&(StateEventType::RoomPowerLevels, String::new()));
-        let create = current_auth.get(&(StateEventType::RoomCreate, String::new()));
-        let power = crate::power::PowerLevels::from_state(
-            pl.map(|p| &**p),
-            create.map(|p| &**p),
-            &room.rules,
-        );
+        let power = crate::power::PowerLevels::from_auth(&current_auth, &room.rules);
         let mut late = LateRedaction::default();
         let redaction = self
             .remote_redaction(room, &head, &pdu, &power, &mut late)
@@ -849,7 +834,7 @@ impl Server {
             extra_groups,
             current: Some(current),
             relay_from: relay_from.map(|s| s.to_string()),
-            backward_add: gap_ids,
+            backward_add: reported_ids,
             backward_remove: vec![pdu.event_id.to_string()],
         };
         let generation = head.generation;
@@ -862,6 +847,90 @@ impl Server {
             generation,
             done,
         }))
+    }
+
+    /// The state made of the stored, unrejected state events of `room` among `ids` (a later
+    /// one for the same key wins), keys interned together; and how many of `ids` are not
+    /// stored.
+    pub(super) async fn state_map_of(
+        &self,
+        room: &RoomInfo,
+        ids: &[OwnedEventId],
+    ) -> Result<(StateMap, usize)> {
+        let mut pairs = Vec::with_capacity(ids.len());
+        let mut nids = Vec::with_capacity(ids.len());
+        let mut left_out = 0;
+        for id in ids {
+            let Some(e) = self.event_by_id(id).await? else {
+                left_out += 1;
+                continue;
+            };
+            if e.rejected || e.room_nid != room.nid {
+                continue;
+            }
+            if let Some(sk) = &e.pdu.state_key {
+                pairs.push((e.pdu.kind.to_string(), sk.clone()));
+                nids.push(e.nid);
+            }
+        }
+        let keys = self.state.intern_all(&self.store, &pairs).await?;
+        Ok((keys.into_iter().zip(nids).collect(), left_out))
+    }
+
+    /// Sorts out the parents of `pdu`: held in the timeline (their state groups), reported
+    /// by another server (`gap`: the state after each), or missing (also those in `skip`).
+    pub(super) async fn parents_of(
+        &self,
+        pdu: &Pdu,
+        gap: &HashMap<OwnedEventId, Arc<StateMap>>,
+        skip: &[OwnedEventId],
+    ) -> Result<Parents> {
+        let mut out = Parents::default();
+        for id in &pdu.prev_events {
+            if skip.contains(id) {
+                out.missing.push(id.clone());
+                continue;
+            }
+            match self.event_by_id(id).await? {
+                Some(e) if !e.outlier && e.state_after.is_some() => {
+                    out.groups.extend(e.state_after)
+                }
+                Some(e) if e.rejected => {}
+                _ => match gap.get(id) {
+                    Some(state) => {
+                        out.reported.push(state.clone());
+                        out.reported_ids.push((id.to_string(), pdu.depth));
+                    }
+                    None => out.missing.push(id.clone()),
+                },
+            }
+        }
+        out.groups.sort();
+        out.groups.dedup();
+        Ok(out)
+    }
+
+    /// The state before an event from its parents' states: `(group, state, chain length,
+    /// the group to write)`, the one group there is, or else their resolution in a new
+    /// snapshot group.
+    pub(super) async fn state_before(
+        &self,
+        room: &RoomInfo,
+        groups: &[i64],
+        reported: Vec<Arc<StateMap>>,
+    ) -> Result<(i64, Arc<StateMap>, i64, Option<GroupWrite>)> {
+        if let ([group], true) = (groups, reported.is_empty()) {
+            let (map, chain) = self.state.group(&self.store, *group).await?;
+            return Ok((*group, map, chain, None));
+        }
+        let mut maps = Vec::with_capacity(groups.len() + reported.len());
+        for g in groups {
+            maps.push(self.state_map(*g).await?);
+        }
+        maps.extend(reported);
+        let resolved = Arc::new(self.resolve_states(room, &maps, None).await?);
+        let (write, chain) = self.group_for(None, &resolved);
+        Ok((write.group, resolved, chain, Some(write)))
     }
 
     /// Joins a room hosted elsewhere: stores the state and auth chain the resident server sent
@@ -913,27 +982,10 @@ impl Server {
         let state_ids: Vec<OwnedEventId> = state.iter().map(|p| p.event_id.clone()).collect();
         let mut all = auth_chain;
         all.extend(state);
-        let rejected = self.store_outliers(&room, all).await?;
-        // The room's state as the resident server sent it, without refused events.
-        let mut pairs = Vec::with_capacity(state_ids.len());
-        let mut nids = Vec::with_capacity(state_ids.len());
-        for id in &state_ids {
-            if rejected.contains(id) {
-                continue;
-            }
-            let Some(e) = self.event_by_id(id).await? else {
-                continue;
-            };
-            if e.rejected {
-                continue;
-            }
-            if let Some(sk) = &e.pdu.state_key {
-                pairs.push((e.pdu.kind.to_string(), sk.clone()));
-                nids.push(e.nid);
-            }
-        }
-        let keys = self.state.intern_all(&self.store, &pairs).await?;
-        let map: StateMap = keys.into_iter().zip(nids).collect();
+        self.store_outliers(&room, all).await?;
+        // The room's state as the resident server sent it, without refused events (stored
+        // as rejected).
+        let (map, _) = self.state_map_of(&room, &state_ids).await?;
         if self.state_event(&map, "m.room.create", "").await?.is_none() {
             return Err(Error::new(
                 crate::ErrorKind::BadJson,
@@ -999,12 +1051,12 @@ impl Server {
             .remove(&room.nid);
         // The history before the join is not held (or not all of it, on a rejoin): its
         // parents are backward extremities, where `/messages` backfills from.
-        let mut backward_add = Vec::new();
-        for id in &built.pdu.prev_events {
-            if self.event_by_id(id).await?.is_none_or(|e| e.outlier) {
-                backward_add.push((id.to_string(), built.pdu.depth));
-            }
-        }
+        let backward_add = self
+            .not_in_timeline(&built.pdu.prev_events)
+            .await?
+            .into_iter()
+            .map(|id| (id.to_string(), built.pdu.depth))
+            .collect();
         let extras = Extras {
             servers: Arc::new(Vec::new()),
             extra_groups: vec![snapshot],

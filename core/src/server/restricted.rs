@@ -8,7 +8,7 @@
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use super::Server;
-use crate::{power::PowerLevels, Error, ErrorKind, Result, RoomInfo};
+use crate::{Error, ErrorKind, Result, RoomInfo};
 
 /// What a join of a room takes, as far as restricted join rules go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,13 +51,8 @@ impl Server {
         ) {
             return Ok(JoinAuthorisation::NotNeeded);
         }
-        let allowed: Vec<OwnedRoomId> = content
-            .get("allow")
-            .and_then(|a| a.as_array())
+        let allowed: Vec<OwnedRoomId> = crate::directory::allowed_rooms(&content)
             .into_iter()
-            .flatten()
-            .filter(|c| c.get("type").and_then(|t| t.as_str()) == Some("m.room_membership"))
-            .filter_map(|c| c.get("room_id").and_then(|r| r.as_str()))
             .filter_map(|r| OwnedRoomId::try_from(r).ok())
             .collect();
         let mut known_any = false;
@@ -66,15 +61,11 @@ impl Server {
             let Some(other) = self.room(allowed_room).await? else {
                 continue;
             };
-            let other_members = self.members(other.nid).await?;
-            let suffix = format!(":{}", self.server_name());
-            if !other_members
-                .iter()
-                .any(|(u, m)| m == "join" && u.ends_with(&suffix))
-            {
+            if !self.is_resident(other.nid).await? {
                 continue; // We are not in it: what we know of it may be stale.
             }
             known_any = true;
+            let other_members = self.members(other.nid).await?;
             if other_members.get(user.as_str()).map(String::as_str) == Some("join") {
                 qualifies = true;
                 break;
@@ -90,13 +81,7 @@ impl Server {
                 )
             });
         }
-        let pl = self.state_event(&state, "m.room.power_levels", "").await?;
-        let create = self.state_event(&state, "m.room.create", "").await?;
-        let power = PowerLevels::from_state(
-            pl.as_ref().map(|e| &*e.pdu),
-            create.as_ref().map(|e| &*e.pdu),
-            &room.rules,
-        );
+        let power = self.power_levels(room, &state).await?;
         let suffix = format!(":{}", self.server_name());
         let mut candidates: Vec<OwnedUserId> = members
             .iter()

@@ -185,6 +185,48 @@ pub(super) async fn insert_rows(
     Ok(())
 }
 
+/// Inserts state groups (`(room_nid, group)`) and their edits.
+pub(super) async fn insert_groups(
+    tx: &mut Transaction<'static, Any>,
+    groups: &[(i64, &GroupWrite)],
+) -> Result<()> {
+    let rows = groups
+        .iter()
+        .map(|(room, g)| {
+            vec![
+                V::I(g.group),
+                V::I(*room),
+                V::OI(g.parent),
+                V::I(g.chain_len),
+            ]
+        })
+        .collect();
+    insert_rows(
+        tx,
+        "INSERT INTO state_groups (state_group, room_nid, parent_group, chain_len)",
+        4,
+        rows,
+        "",
+    )
+    .await?;
+    let edits = groups
+        .iter()
+        .flat_map(|(_, g)| {
+            g.edits
+                .iter()
+                .map(move |(k, ev)| vec![V::I(g.group), V::I(*k), V::I(*ev)])
+        })
+        .collect();
+    insert_rows(
+        tx,
+        "INSERT INTO state_group_edits (state_group, state_key_nid, event_nid)",
+        3,
+        edits,
+        "",
+    )
+    .await
+}
+
 impl Store {
     /// Writes a batch of rooms' events in one transaction.
     pub async fn write_rooms(&self, rooms: &[&RoomWrite]) -> Result<()> {
@@ -220,47 +262,16 @@ impl Store {
                 .iter()
                 .flat_map(|r| r.events.iter().map(move |e| (r.room_nid, e)))
         };
-        let all_groups = || {
-            rooms.iter().flat_map(|r| {
+        let groups: Vec<(i64, &GroupWrite)> = rooms
+            .iter()
+            .flat_map(|r| {
                 r.extra_groups
                     .iter()
                     .chain(r.events.iter().filter_map(|e| e.new_group.as_ref()))
                     .map(move |g| (r.room_nid, g))
             })
-        };
-        let groups: Vec<Vec<V>> = all_groups()
-            .map(|(room, g)| {
-                vec![
-                    V::I(g.group),
-                    V::I(room),
-                    V::OI(g.parent),
-                    V::I(g.chain_len),
-                ]
-            })
             .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO state_groups (state_group, room_nid, parent_group, chain_len)",
-            4,
-            groups,
-            "",
-        )
-        .await?;
-        let edits: Vec<Vec<V>> = all_groups()
-            .flat_map(|(_, g)| {
-                g.edits
-                    .iter()
-                    .map(move |(k, ev)| vec![V::I(g.group), V::I(*k), V::I(*ev)])
-            })
-            .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO state_group_edits (state_group, state_key_nid, event_nid)",
-            3,
-            edits,
-            "",
-        )
-        .await?;
+        insert_groups(tx, &groups).await?;
 
         let rows: Vec<Vec<V>> = events()
             .map(|(room, e)| {

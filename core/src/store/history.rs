@@ -63,42 +63,10 @@ impl Store {
     pub async fn write_historical(&self, w: &HistoricalWrite) -> Result<()> {
         let mut txn = self.write().await?;
         let tx = &mut txn.tx;
-        let groups: Vec<&GroupWrite> = w.groups.iter().chain(w.event.new_group.iter()).collect();
-        let rows = groups
-            .iter()
-            .map(|g| {
-                vec![
-                    V::I(g.group),
-                    V::I(w.room_nid),
-                    V::OI(g.parent),
-                    V::I(g.chain_len),
-                ]
-            })
+        let groups: Vec<(i64, &GroupWrite)> = (w.groups.iter().chain(w.event.new_group.iter()))
+            .map(|g| (w.room_nid, g))
             .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO state_groups (state_group, room_nid, parent_group, chain_len)",
-            4,
-            rows,
-            "",
-        )
-        .await?;
-        let edits = groups
-            .iter()
-            .flat_map(|g| {
-                g.edits
-                    .iter()
-                    .map(move |(k, ev)| vec![V::I(g.group), V::I(*k), V::I(*ev)])
-            })
-            .collect();
-        insert_rows(
-            tx,
-            "INSERT INTO state_group_edits (state_group, state_key_nid, event_nid)",
-            3,
-            edits,
-            "",
-        )
-        .await?;
+        super::batch::insert_groups(tx, &groups).await?;
         let e = &w.event;
         if w.promote {
             let done = sqlx::query(

@@ -51,12 +51,13 @@ impl Store {
             .collect())
     }
 
-    /// Whether any redaction waits for its target (read at start-up).
-    pub async fn any_pending_redactions(&self) -> Result<bool> {
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM pending_redactions LIMIT 1")
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(found.is_some())
+    /// The targets that redactions wait for (read at start-up).
+    pub async fn pending_redaction_targets(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT target_event_id FROM pending_redactions")
+                .fetch_all(self.pool())
+                .await?,
+        )
     }
 
     /// Every redaction waiting in a room (for a batch of outliers).

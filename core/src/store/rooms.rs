@@ -7,7 +7,7 @@ use sqlx::AssertSqlSafe;
 
 use std::collections::HashMap;
 
-use super::{insert_rows, Backend, Store, V};
+use super::{insert_rows, Store, V};
 use crate::Result;
 
 /// A room row.
@@ -106,28 +106,6 @@ impl Store {
 
     // State keys ---------------------------------------------------------------------------
 
-    /// Interns `(event_type, state_key)`, returning its numeric ID.
-    pub async fn intern_state_key(&self, event_type: &str, state_key: &str) -> Result<i64> {
-        let mut w = self.write().await?;
-        sqlx::query(
-            "INSERT INTO state_keys (event_type, state_key) VALUES ($1, $2) \
-             ON CONFLICT (event_type, state_key) DO NOTHING",
-        )
-        .bind(event_type)
-        .bind(state_key)
-        .execute(&mut *w.tx)
-        .await?;
-        let nid: i64 = sqlx::query_scalar(
-            "SELECT state_key_nid FROM state_keys WHERE event_type = $1 AND state_key = $2",
-        )
-        .bind(event_type)
-        .bind(state_key)
-        .fetch_one(&mut *w.tx)
-        .await?;
-        w.commit().await?;
-        Ok(nid)
-    }
-
     /// Interns many `(event_type, state_key)` pairs in one transaction; their IDs, in order.
     pub async fn intern_state_keys(&self, pairs: &[(String, String)]) -> Result<Vec<i64>> {
         if pairs.is_empty() {
@@ -147,7 +125,6 @@ impl Store {
         )
         .await?;
         // Read back per event type, a few hundred keys a statement.
-        let sqlite = self.backend == Backend::Sqlite;
         let mut by_type: HashMap<&str, Vec<&str>> = HashMap::new();
         for (t, k) in pairs {
             by_type.entry(t.as_str()).or_default().push(k.as_str());
@@ -155,29 +132,18 @@ impl Store {
         let mut nids: HashMap<(String, String), i64> = HashMap::with_capacity(pairs.len());
         for (ty, keys) in by_type {
             for chunk in keys.chunks(500) {
-                let list: Vec<String> = (0..chunk.len())
-                    .map(|i| {
-                        if sqlite {
-                            "?".to_owned()
-                        } else {
-                            format!("${}", i + 2)
-                        }
-                    })
-                    .collect();
-                let first = if sqlite { "?" } else { "$1" };
+                let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
                 let sql = format!(
                     "SELECT state_key_nid, state_key FROM state_keys \
-                     WHERE event_type = {first} AND state_key IN ({})",
-                    list.join(",")
+                     WHERE event_type = $1 AND state_key IN ({})",
+                    marks.join(",")
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ty);
                 for k in chunk {
                     q = q.bind(*k);
                 }
                 for row in q.fetch_all(&mut *w.tx).await? {
-                    let nid: i64 = row.get(0);
-                    let key: String = row.get(1);
-                    nids.insert((ty.to_owned(), key), nid);
+                    nids.insert((ty.to_owned(), row.get(1)), row.get(0));
                 }
             }
         }
