@@ -38,6 +38,11 @@ pub enum ErrorKind {
     UnableToGrantJoin,
     /// Another server we had to ask could not be reached or failed (502, `M_UNKNOWN`).
     RemoteUnavailable,
+    /// A key or signature that does not verify (E2EE key uploads).
+    InvalidSignature,
+    /// A key backup request for a version that is not the current one (403; the handler adds
+    /// `current_version`).
+    WrongRoomKeysVersion,
 }
 
 impl ErrorKind {
@@ -70,13 +75,15 @@ impl ErrorKind {
             UnableToAuthoriseJoin => "M_UNABLE_TO_AUTHORISE_JOIN",
             UnableToGrantJoin => "M_UNABLE_TO_GRANT_JOIN",
             RemoteUnavailable => "M_UNKNOWN",
+            InvalidSignature => "M_INVALID_SIGNATURE",
+            WrongRoomKeysVersion => "M_WRONG_ROOM_KEYS_VERSION",
         }
     }
 
     pub fn status(self) -> u16 {
         use ErrorKind::*;
         match self {
-            Forbidden | UserDeactivated | GuestAccessForbidden => 403,
+            Forbidden | UserDeactivated | GuestAccessForbidden | WrongRoomKeysVersion => 403,
             UnknownToken { .. } | MissingToken | Unauthorized => 401,
             NotFound | Unrecognized => 404,
             MethodNotAllowed => 405,
