@@ -18,8 +18,7 @@ use myelin_core::ruma::{
     canonical_json::CanonicalJsonObject,
     serde::{base64::Standard, Base64},
     signatures::{
-        to_canonical_json_string_for_signing, verify_canonical_json_bytes, Ed25519KeyPair,
-        KeyPair,
+        to_canonical_json_string_for_signing, verify_canonical_json_bytes, Ed25519KeyPair, KeyPair,
     },
     SigningKeyAlgorithm,
 };
@@ -175,7 +174,8 @@ impl DeviceKeys {
 
     /// The `device_keys` object of `/keys/upload`, self-signed.
     pub fn device_keys(&self) -> Value {
-        self.ed25519.sign(&self.user_id, self.unsigned_device_keys())
+        self.ed25519
+            .sign(&self.user_id, self.unsigned_device_keys())
     }
 
     /// Signs any object with the device's ed25519 key, as the user.

@@ -104,7 +104,9 @@ fn claimed(answer: &Value, user: &str, device: &str) -> Option<(String, Value)> 
         "one key per device and algorithm, got {}",
         answer
     );
-    keys.iter().next().map(|(id, key)| (id.clone(), key.clone()))
+    keys.iter()
+        .next()
+        .map(|(id, key)| (id.clone(), key.clone()))
 }
 
 /// `device_one_time_keys_count.signed_curve25519` of a sync (servers may omit a zero count).
@@ -163,7 +165,9 @@ async fn sync_collect(
         ..Seen::default()
     };
     loop {
-        let sync = client.sync(Some(&seen.next_batch), Some(1000), None).await?;
+        let sync = client
+            .sync(Some(&seen.next_batch), Some(1000), None)
+            .await?;
         seen.changed.extend(device_list(&sync, "changed"));
         seen.left.extend(device_list(&sync, "left"));
         seen.to_device.extend(to_device_events(&sync));
@@ -226,6 +230,62 @@ async fn token(client: &Client) -> anyhow::Result<String> {
     Ok(next_batch(&client.sync(None, Some(0), None).await?))
 }
 
+/// The test key material itself (no server): signatures verify, and tampering, another key
+/// or another signer breaks them; `unsigned` and other signatures are not covered.
+#[test]
+fn key_material_signs_and_verifies() {
+    let keys = DeviceKeys::new("@alice:example.org", "DEVICE");
+    let signed = keys.device_keys();
+    let (me, key_id, public) = (
+        "@alice:example.org",
+        "ed25519:DEVICE",
+        keys.ed25519.public.clone(),
+    );
+    assert!(verify(&signed, me, key_id, &public));
+    let mut with_unsigned = signed.clone();
+    with_unsigned["unsigned"] = json!({"device_display_name": "x"});
+    insert_signature(
+        &mut with_unsigned,
+        "@bob:example.org",
+        "ed25519:B",
+        "sig".into(),
+    );
+    assert!(verify(&with_unsigned, me, key_id, &public));
+    let mut tampered = signed.clone();
+    tampered["algorithms"] = json!(["m.megolm.v1.aes-sha2"]);
+    assert!(!verify(&tampered, me, key_id, &public));
+    assert!(!verify(&signed, "@bob:example.org", key_id, &public));
+    assert!(!verify(
+        &signed,
+        me,
+        key_id,
+        &SigningKey::generate(None).public
+    ));
+    let xs = CrossSigningKeys::new(me);
+    assert_eq!(xs.master.key_id, format!("ed25519:{}", xs.master.public));
+    assert!(verify(
+        &xs.self_signing_key(),
+        me,
+        &xs.master.key_id,
+        &xs.master.public
+    ));
+    assert!(verify(
+        &xs.sign_device(&signed),
+        me,
+        &xs.self_signing.key_id,
+        &xs.self_signing.public
+    ));
+    assert!(
+        xs.sign_device(&signed)["signatures"][me][key_id].is_null(),
+        "sign_device starts from the unsigned object"
+    );
+    let otks = keys.one_time_keys(3);
+    assert_eq!(otks.as_object().map(|m| m.len()), Some(3));
+    for key in otks.as_object().into_iter().flatten().map(|(_, k)| k) {
+        assert!(verify(key, me, key_id, &public));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // /keys/upload and /keys/query
 // ---------------------------------------------------------------------------------------------
@@ -244,11 +304,7 @@ async fn upload_and_query_device_keys(server: TestServer) -> anyhow::Result<()> 
 
     let answer = upload(&alice, &keys.upload_body(5)).await?;
     assert_eq!(otk_count(&answer), 5, "{answer}");
-    let answer = upload(
-        &alice,
-        &json!({"one_time_keys": keys.one_time_keys(3)}),
-    )
-    .await?;
+    let answer = upload(&alice, &json!({"one_time_keys": keys.one_time_keys(3)})).await?;
     assert_eq!(otk_count(&answer), 8, "{answer}");
     // Re-uploading identical device keys is fine.
     let answer = upload(&alice, &json!({"device_keys": keys.device_keys()})).await?;
@@ -331,16 +387,18 @@ async fn upload_and_query_device_keys(server: TestServer) -> anyhow::Result<()> 
 
     // Sync tells alice's device its count, PHONE its own.
     let sync = alice.sync(None, Some(0), None).await?;
-    assert_eq!(sync_otk_count(&sync), 8, "{}", sync["device_one_time_keys_count"]);
+    assert_eq!(
+        sync_otk_count(&sync),
+        8,
+        "{}",
+        sync["device_one_time_keys_count"]
+    );
     let sync = phone.sync(None, Some(0), None).await?;
     assert_eq!(sync_otk_count(&sync), 0);
 
     // Unauthenticated upload is refused.
     assert_error(
-        &server
-            .anonymous()
-            .post("/keys/upload", &json!({}))
-            .await?,
+        &server.anonymous().post("/keys/upload", &json!({})).await?,
         401,
         "M_MISSING_TOKEN",
     );
@@ -365,14 +423,26 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
     let mut other_user = keys.unsigned_device_keys();
     other_user["user_id"] = json!(bob.user_id);
     let other_user = keys.ed25519.sign(&bob.user_id, keys.sign(other_user));
-    cases.push(("another user's user_id".to_owned(), other_user, "M_INVALID_PARAM"));
+    cases.push((
+        "another user's user_id".to_owned(),
+        other_user,
+        "M_INVALID_PARAM",
+    ));
     let other_device = DeviceKeys::new(&me, "NOTMYDEVICE").device_keys();
-    cases.push(("another device's device_id".to_owned(), other_device, "M_INVALID_PARAM"));
+    cases.push((
+        "another device's device_id".to_owned(),
+        other_device,
+        "M_INVALID_PARAM",
+    ));
 
     // Bad signatures.
     let mut tampered = keys.device_keys();
     tampered["keys"][format!("curve25519:{dev}")] = json!(random_key());
-    cases.push(("signed, then a key changed".to_owned(), tampered, "M_INVALID_SIGNATURE"));
+    cases.push((
+        "signed, then a key changed".to_owned(),
+        tampered,
+        "M_INVALID_SIGNATURE",
+    ));
     let impostor = SigningKey::generate(Some(&dev));
     let mut wrong_signer = keys.unsigned_device_keys();
     insert_signature(
@@ -381,10 +451,23 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         &ed_id,
         impostor.signature_of(&keys.unsigned_device_keys()),
     );
-    cases.push(("signed by another key".to_owned(), wrong_signer, "M_INVALID_SIGNATURE"));
+    cases.push((
+        "signed by another key".to_owned(),
+        wrong_signer,
+        "M_INVALID_SIGNATURE",
+    ));
     let mut garbage = keys.unsigned_device_keys();
-    insert_signature(&mut garbage, &me, &ed_id, "!!not base64 at all!!".to_owned());
-    cases.push(("a signature that is not base64".to_owned(), garbage, "M_INVALID_SIGNATURE"));
+    insert_signature(
+        &mut garbage,
+        &me,
+        &ed_id,
+        "!!not base64 at all!!".to_owned(),
+    );
+    cases.push((
+        "a signature that is not base64".to_owned(),
+        garbage,
+        "M_INVALID_SIGNATURE",
+    ));
     let mut zeros = keys.unsigned_device_keys();
     insert_signature(
         &mut zeros,
@@ -392,13 +475,25 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         &ed_id,
         complement_tests::e2ee::b64(&[0u8; 64]),
     );
-    cases.push(("64 zero bytes as signature".to_owned(), zeros, "M_INVALID_SIGNATURE"));
+    cases.push((
+        "64 zero bytes as signature".to_owned(),
+        zeros,
+        "M_INVALID_SIGNATURE",
+    ));
     let mut empty_sigs = keys.unsigned_device_keys();
     empty_sigs["signatures"] = json!({});
-    cases.push(("no signatures at all".to_owned(), empty_sigs, "M_INVALID_SIGNATURE"));
+    cases.push((
+        "no signatures at all".to_owned(),
+        empty_sigs,
+        "M_INVALID_SIGNATURE",
+    ));
     let mut no_own_key = keys.unsigned_device_keys();
     no_own_key["signatures"] = json!({&me: {}});
-    cases.push(("no signature by its key".to_owned(), no_own_key, "M_INVALID_SIGNATURE"));
+    cases.push((
+        "no signature by its key".to_owned(),
+        no_own_key,
+        "M_INVALID_SIGNATURE",
+    ));
     let other_key_id = keys.ed25519.sign(&me, keys.unsigned_device_keys());
     let sig = other_key_id["signatures"][&me][&ed_id].clone();
     let mut other_key_id = keys.unsigned_device_keys();
@@ -437,11 +532,23 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
     ));
     let mut keys_array = keys.unsigned_device_keys();
     keys_array["keys"] = json!(["ed25519"]);
-    cases.push(("keys an array".to_owned(), keys.sign(keys_array), "M_BAD_JSON"));
+    cases.push((
+        "keys an array".to_owned(),
+        keys.sign(keys_array),
+        "M_BAD_JSON",
+    ));
     let mut user_number = keys.unsigned_device_keys();
     user_number["user_id"] = json!(42);
-    cases.push(("user_id a number".to_owned(), keys.sign(user_number), "M_BAD_JSON"));
-    cases.push(("device_keys a string".to_owned(), json!("keys"), "M_BAD_JSON"));
+    cases.push((
+        "user_id a number".to_owned(),
+        keys.sign(user_number),
+        "M_BAD_JSON",
+    ));
+    cases.push((
+        "device_keys a string".to_owned(),
+        json!("keys"),
+        "M_BAD_JSON",
+    ));
 
     for (what, device_keys, errcode) in cases {
         let body = json!({
@@ -498,7 +605,11 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
     }
 
     // Nothing of all that was stored.
-    assert_eq!(current_otk_count(&alice).await?, 0, "no one-time keys stored");
+    assert_eq!(
+        current_otk_count(&alice).await?,
+        0,
+        "no one-time keys stored"
+    );
     let sync = alice.sync(None, Some(0), None).await?;
     assert!(
         unused_fallback_types(&sync).is_empty(),
@@ -554,7 +665,11 @@ async fn one_time_key_id_conflicts(server: TestServer) -> anyhow::Result<()> {
         400,
         "M_INVALID_PARAM",
     );
-    assert_eq!(current_otk_count(&alice).await?, 1, "the request stored nothing");
+    assert_eq!(
+        current_otk_count(&alice).await?,
+        1,
+        "the request stored nothing"
+    );
 
     // Claiming it hands out the first content.
     let bob = server.register("bob", PASSWORD).await?;
@@ -661,7 +776,10 @@ async fn claim_one_time_and_fallback_keys(server: TestServer) -> anyhow::Result<
         let (id, key) = claimed(&answer, &alice.user_id, &alice.device_id)
             .with_context(|| format!("the fallback key: {answer}"))?;
         assert_eq!(id, fallback_id);
-        assert_eq!(key, fallback_key, "the fallback key, `fallback: true` and all");
+        assert_eq!(
+            key, fallback_key,
+            "the fallback key, `fallback: true` and all"
+        );
     }
     let sync = alice.sync(Some(&since), Some(0), None).await?;
     assert!(
@@ -679,8 +797,8 @@ async fn claim_one_time_and_fallback_keys(server: TestServer) -> anyhow::Result<
         vec![SIGNED_CURVE25519.to_owned()]
     );
     let answer = claim(&bob, &[(&alice.user_id, &alice.device_id)]).await?;
-    let (id, key) = claimed(&answer, &alice.user_id, &alice.device_id)
-        .with_context(|| format!("{answer}"))?;
+    let (id, key) =
+        claimed(&answer, &alice.user_id, &alice.device_id).with_context(|| format!("{answer}"))?;
     let (new_id, new_key) = new_fallback
         .as_object()
         .and_then(|m| m.iter().next())
@@ -691,9 +809,12 @@ async fn claim_one_time_and_fallback_keys(server: TestServer) -> anyhow::Result<
     let more = keys.one_time_keys(1);
     upload(&alice, &json!({"one_time_keys": more})).await?;
     let answer = claim(&bob, &[(&alice.user_id, &alice.device_id)]).await?;
-    let (id, _) = claimed(&answer, &alice.user_id, &alice.device_id)
-        .with_context(|| format!("{answer}"))?;
-    assert!(more.get(&id).is_some(), "a one-time key, not the fallback: {answer}");
+    let (id, _) =
+        claimed(&answer, &alice.user_id, &alice.device_id).with_context(|| format!("{answer}"))?;
+    assert!(
+        more.get(&id).is_some(),
+        "a one-time key, not the fallback: {answer}"
+    );
     Ok(())
 }
 
@@ -808,8 +929,12 @@ async fn device_list_changes_reach_room_members(server: TestServer) -> anyhow::R
         "/keys/changes over an empty range: {nothing}"
     );
     let eve_changes = success(
-        eve.get(&format!("/keys/changes?from={}&to={}", enc(&e0), enc(&token(&eve).await?)))
-            .await?,
+        eve.get(&format!(
+            "/keys/changes?from={}&to={}",
+            enc(&e0),
+            enc(&token(&eve).await?)
+        ))
+        .await?,
         "keys/changes",
     )?;
     assert!(
@@ -947,18 +1072,22 @@ async fn to_device_delivery(server: TestServer) -> anyhow::Result<()> {
     let seen_phone = sync_collect(&phone, &t_phone, |s| !s.to_device.is_empty()).await?;
     assert_eq!(
         seen_phone.to_device,
-        vec![json!({"type": "m.test.all", "sender": bob.user_id, "content": {"n": 2, "for": "everyone"}})],
+        vec![
+            json!({"type": "m.test.all", "sender": bob.user_id, "content": {"n": 2, "for": "everyone"}})
+        ],
         "PHONE only gets the `*` message"
     );
 
     // Synced past: gone, on both.
     for (client, since) in [(&alice, &seen.next_batch), (&phone, &seen_phone.next_batch)] {
         let sync = client.sync(Some(since), Some(0), None).await?;
-        let again = client
-            .sync(Some(&next_batch(&sync)), Some(0), None)
-            .await?;
+        let again = client.sync(Some(&next_batch(&sync)), Some(0), None).await?;
         assert!(to_device_events(&sync).is_empty(), "{}", sync["to_device"]);
-        assert!(to_device_events(&again).is_empty(), "{}", again["to_device"]);
+        assert!(
+            to_device_events(&again).is_empty(),
+            "{}",
+            again["to_device"]
+        );
     }
     // An initial sync does not bring them back either.
     let initial = alice.sync(None, Some(0), None).await?;
@@ -978,8 +1107,7 @@ async fn to_device_survives_lost_sync_responses(server: TestServer) -> anyhow::R
     let bob = server.register("bob", PASSWORD).await?;
     let t0 = token(&alice).await?;
     let to_alice = |n: u32| json!({&alice.user_id: {&alice.device_id: {"n": n}}});
-    let expected =
-        |n: u32| json!({"type": "m.test", "sender": bob.user_id, "content": {"n": n}});
+    let expected = |n: u32| json!({"type": "m.test", "sender": bob.user_id, "content": {"n": n}});
 
     send_to_device_ok(&bob, "m.test", &to_alice(1)).await?;
     // Delivered, but the response is thrown away.
@@ -997,7 +1125,11 @@ async fn to_device_survives_lost_sync_responses(server: TestServer) -> anyhow::R
     // From the token that delivered it: gone.
     let t1 = next_batch(&again2);
     let after = alice.sync(Some(&t1), Some(0), None).await?;
-    assert!(to_device_events(&after).is_empty(), "{}", after["to_device"]);
+    assert!(
+        to_device_events(&after).is_empty(),
+        "{}",
+        after["to_device"]
+    );
     let t2 = next_batch(&after);
 
     // A long-poll in flight when the message comes, cut off by the client at once.
@@ -1025,7 +1157,11 @@ async fn to_device_survives_lost_sync_responses(server: TestServer) -> anyhow::R
         "the message survives cut-off syncs"
     );
     let after = alice.sync(Some(&seen.next_batch), Some(0), None).await?;
-    assert!(to_device_events(&after).is_empty(), "{}", after["to_device"]);
+    assert!(
+        to_device_events(&after).is_empty(),
+        "{}",
+        after["to_device"]
+    );
     // And an old token no longer brings back acknowledged messages.
     let old = alice.sync(Some(&t0), Some(0), None).await?;
     assert!(
@@ -1107,7 +1243,10 @@ async fn to_device_limits(server: TestServer) -> anyhow::Result<()> {
             "an array content",
             json!({&alice.user_id: {"PHONE": {"n": 2}, &alice.device_id: [1, 2]}}),
         ),
-        ("a device map that is a string", json!({&alice.user_id: "hello"})),
+        (
+            "a device map that is a string",
+            json!({&alice.user_id: "hello"}),
+        ),
         ("messages an array", json!([1])),
     ] {
         let answer = send_to_device(&bob, "m.test", &unique_txn_id(), &messages).await?;
@@ -1136,11 +1275,7 @@ async fn to_device_limits(server: TestServer) -> anyhow::Result<()> {
     .await?;
     for (client, since) in [(&alice, &t0), (&phone, &t_phone)] {
         let seen = sync_collect(client, since, |s| !s.to_device.is_empty()).await?;
-        let ns: Vec<&Value> = seen
-            .to_device
-            .iter()
-            .map(|e| &e["content"]["n"])
-            .collect();
+        let ns: Vec<&Value> = seen.to_device.iter().map(|e| &e["content"]["n"]).collect();
         assert_eq!(ns, vec![&json!(3)], "only the good request was delivered");
         assert_eq!(seen.to_device[0]["content"]["padding"], json!(under));
     }
@@ -1170,7 +1305,10 @@ async fn cross_signing_keys_upload(server: TestServer) -> anyhow::Result<()> {
     let mut stranger_ssk = xs.upload_body();
     stranger_ssk["self_signing_key"] =
         stranger.sign(&alice.user_id, strip_signatures(&xs.self_signing_key()));
-    bad_cases.push(("a self-signing key signed by another key".to_owned(), stranger_ssk));
+    bad_cases.push((
+        "a self-signing key signed by another key".to_owned(),
+        stranger_ssk,
+    ));
     let mut forged_usk = xs.upload_body();
     let master_id = xs.master.key_id.clone();
     insert_signature(
@@ -1185,7 +1323,10 @@ async fn cross_signing_keys_upload(server: TestServer) -> anyhow::Result<()> {
     ));
     let mut tampered_usk = xs.upload_body();
     tampered_usk["user_signing_key"]["usage"] = json!(["user_signing", "self_signing"]);
-    bad_cases.push(("a user-signing key changed after signing".to_owned(), tampered_usk));
+    bad_cases.push((
+        "a user-signing key changed after signing".to_owned(),
+        tampered_usk,
+    ));
     for (what, body) in bad_cases {
         let answer = alice.post("/keys/device_signing/upload", &body).await?;
         assert_eq!(
@@ -1211,7 +1352,11 @@ async fn cross_signing_keys_upload(server: TestServer) -> anyhow::Result<()> {
     let answer = alice
         .post("/keys/device_signing/upload", &xs.upload_body())
         .await?;
-    assert_eq!(answer.status, 200, "an identical re-upload needs no UIA: {}", answer.body);
+    assert_eq!(
+        answer.status, 200,
+        "an identical re-upload needs no UIA: {}",
+        answer.body
+    );
 
     let by_bob = query(&bob, &[&alice.user_id]).await?;
     assert_eq!(
@@ -1246,7 +1391,11 @@ async fn cross_signing_keys_upload(server: TestServer) -> anyhow::Result<()> {
     let first = alice
         .post("/keys/device_signing/upload", &xs2.upload_body())
         .await?;
-    assert_eq!(first.status, 401, "replacing keys needs UIA: {}", first.body);
+    assert_eq!(
+        first.status, 401,
+        "replacing keys needs UIA: {}",
+        first.body
+    );
     let still = query(&bob, &[&alice.user_id]).await?;
     assert_eq!(
         strip_signatures(&still["master_keys"][&alice.user_id]),
@@ -1302,8 +1451,8 @@ async fn cross_signing_signatures_upload(server: TestServer) -> anyhow::Result<(
     let dev = alice.device_id.clone();
     let ssk_id = xs.self_signing.key_id.clone();
 
-    let stored = query(&alice, &[&alice.user_id]).await?["device_keys"][&alice.user_id][&dev]
-        .clone();
+    let stored =
+        query(&alice, &[&alice.user_id]).await?["device_keys"][&alice.user_id][&dev].clone();
 
     // A bad signature: reported, not stored.
     let mut bad = strip_signatures(&stored);
@@ -1315,7 +1464,10 @@ async fn cross_signing_signatures_upload(server: TestServer) -> anyhow::Result<(
     );
     let answer = success(
         alice
-            .post("/keys/signatures/upload", &json!({&alice.user_id: {&dev: bad}}))
+            .post(
+                "/keys/signatures/upload",
+                &json!({&alice.user_id: {&dev: bad}}),
+            )
             .await?,
         "signatures/upload",
     )?;
@@ -1326,8 +1478,7 @@ async fn cross_signing_signatures_upload(server: TestServer) -> anyhow::Result<(
     assert!(answer["failures"][&alice.user_id][&dev]["error"].is_string());
     let seen = query(&bob, &[&alice.user_id]).await?;
     assert!(
-        seen["device_keys"][&alice.user_id][&dev]["signatures"][&alice.user_id][&ssk_id]
-            .is_null(),
+        seen["device_keys"][&alice.user_id][&dev]["signatures"][&alice.user_id][&ssk_id].is_null(),
         "the bad signature is not stored: {seen}"
     );
 
@@ -1353,14 +1504,15 @@ async fn cross_signing_signatures_upload(server: TestServer) -> anyhow::Result<(
     let signed = xs.sign_device(&stored);
     let answer = success(
         alice
-            .post("/keys/signatures/upload", &json!({&alice.user_id: {&dev: signed}}))
+            .post(
+                "/keys/signatures/upload",
+                &json!({&alice.user_id: {&dev: signed}}),
+            )
             .await?,
         "signatures/upload",
     )?;
     assert!(
-        answer["failures"]
-            .as_object()
-            .is_none_or(|f| f.is_empty()),
+        answer["failures"].as_object().is_none_or(|f| f.is_empty()),
         "no failures: {answer}"
     );
     for viewer in [&alice, &bob] {
