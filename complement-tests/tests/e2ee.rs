@@ -567,6 +567,23 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         assert!(answer.body["error"].is_string(), "{what}: {}", answer.body);
     }
 
+    // No `signatures` member at all: refused, as a missing signature or as a missing field.
+    let body = json!({
+        "device_keys": keys.unsigned_device_keys(),
+        "one_time_keys": keys.one_time_keys(2),
+    });
+    let answer = alice.post("/keys/upload", &body).await?;
+    assert_eq!(
+        answer.status, 400,
+        "device keys without signatures: {}",
+        answer.body
+    );
+    assert!(
+        ["M_BAD_JSON", "M_INVALID_SIGNATURE"].contains(&answer.errcode()),
+        "device keys without signatures: {}",
+        answer.body
+    );
+
     // The ed25519 or curve25519 identity key missing: refused (the contract requires both).
     for algorithm in ["ed25519", "curve25519"] {
         let mut missing = keys.unsigned_device_keys();
@@ -1322,7 +1339,7 @@ async fn cross_signing_keys_upload(server: TestServer) -> anyhow::Result<()> {
         forged_usk,
     ));
     let mut tampered_usk = xs.upload_body();
-    tampered_usk["user_signing_key"]["usage"] = json!(["user_signing", "self_signing"]);
+    tampered_usk["user_signing_key"]["org.example.note"] = json!("added after signing");
     bad_cases.push((
         "a user-signing key changed after signing".to_owned(),
         tampered_usk,
