@@ -12,7 +12,10 @@ use complement_tests::{ok, pair_tests, unique_txn_id, Client, TestServer};
 use serde_json::{json, Value};
 
 /// An encrypted room on A with Alice, joined by Bob from B.
-async fn encrypted_room(a: &TestServer, b: &TestServer) -> anyhow::Result<(Client, Client, String)> {
+async fn encrypted_room(
+    a: &TestServer,
+    b: &TestServer,
+) -> anyhow::Result<(Client, Client, String)> {
     let alice = a.register("alice", "alice-password").await?;
     let bob = b.register("bob", "bob-password").await?;
     let room = alice
@@ -83,7 +86,10 @@ async fn keys_and_to_device(a: TestServer, b: TestServer) -> anyhow::Result<()> 
         .await?);
     let events = eventually("the to-device message reaches Bob", || async {
         let (body, next) = next_batch(&bob, Some(&since)).await?;
-        let events = body["to_device"]["events"].as_array().cloned().unwrap_or_default();
+        let events = body["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         Ok((!events.is_empty()).then_some((events, next)))
     })
     .await?;
@@ -101,7 +107,9 @@ async fn keys_and_to_device(a: TestServer, b: TestServer) -> anyhow::Result<()> 
 async fn device_list_updates(a: TestServer, b: TestServer) -> anyhow::Result<()> {
     let (alice, bob, _room) = encrypted_room(&a, &b).await?;
     let carol = b.register("carol", "carol-password").await?;
-    ok(bob.post("/keys/upload", &DeviceKeys::of(&bob).upload_body(0)).await?);
+    ok(bob
+        .post("/keys/upload", &DeviceKeys::of(&bob).upload_body(0))
+        .await?);
     // Alice learns Bob's keys (her server starts tracking his list).
     let query = json!({"device_keys": {bob.user_id.clone(): []}});
     eventually("Alice's server holds Bob's device", || async {
@@ -148,10 +156,15 @@ async fn device_list_updates(a: TestServer, b: TestServer) -> anyhow::Result<()>
         );
     }
     // Carol shares no room with Alice: her changes are not Alice's business.
-    ok(carol.post("/keys/upload", &DeviceKeys::of(&carol).upload_body(0)).await?);
+    ok(carol
+        .post("/keys/upload", &DeviceKeys::of(&carol).upload_body(0))
+        .await?);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (body, _) = next_batch(&alice, Some(&since)).await?;
-    let changed = body["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+    let changed = body["device_lists"]["changed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(
         !changed.iter().any(|u| u == carol.user_id.as_str()),
         "{changed:?}"
