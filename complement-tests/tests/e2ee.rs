@@ -550,6 +550,7 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         "M_BAD_JSON",
     ));
 
+    let mut wrong = Vec::new();
     for (what, device_keys, errcode) in cases {
         let body = json!({
             "device_keys": device_keys,
@@ -557,14 +558,13 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
             "fallback_keys": keys.fallback_keys(),
         });
         let answer = alice.post("/keys/upload", &body).await?;
-        assert_eq!(
-            (answer.status, answer.errcode()),
-            (400, errcode),
-            "{what}: expected 400 {errcode}, got {} {}\nrequest: {body}",
-            answer.status,
-            answer.body
-        );
-        assert!(answer.body["error"].is_string(), "{what}: {}", answer.body);
+        if (answer.status, answer.errcode()) != (400, errcode) || !answer.body["error"].is_string()
+        {
+            wrong.push(format!(
+                "{what}: expected 400 {errcode}, got {} {}\n  request: {body}",
+                answer.status, answer.body
+            ));
+        }
     }
 
     // No `signatures` member at all: refused, as a missing signature or as a missing field.
@@ -573,39 +573,12 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         "one_time_keys": keys.one_time_keys(2),
     });
     let answer = alice.post("/keys/upload", &body).await?;
-    assert_eq!(
-        answer.status, 400,
-        "device keys without signatures: {}",
-        answer.body
-    );
-    assert!(
-        ["M_BAD_JSON", "M_INVALID_SIGNATURE"].contains(&answer.errcode()),
-        "device keys without signatures: {}",
-        answer.body
-    );
-
-    // The ed25519 or curve25519 identity key missing: refused (the contract requires both).
-    for algorithm in ["ed25519", "curve25519"] {
-        let mut missing = keys.unsigned_device_keys();
-        missing["keys"]
-            .as_object_mut()
-            .expect("keys")
-            .remove(&format!("{algorithm}:{dev}"));
-        let body = json!({
-            "device_keys": keys.sign(missing),
-            "one_time_keys": keys.one_time_keys(2),
-        });
-        let answer = alice.post("/keys/upload", &body).await?;
-        assert_eq!(
-            answer.status, 400,
-            "device keys without {algorithm}:{dev}: {}",
-            answer.body
-        );
-        assert!(
-            ["M_INVALID_PARAM", "M_BAD_JSON", "M_INVALID_SIGNATURE"].contains(&answer.errcode()),
-            "device keys without {algorithm}:{dev}: {}",
-            answer.body
-        );
+    if answer.status != 400 || !["M_BAD_JSON", "M_INVALID_SIGNATURE"].contains(&answer.errcode()) {
+        wrong.push(format!(
+            "device keys without signatures: expected 400 M_BAD_JSON or M_INVALID_SIGNATURE, \
+             got {} {}",
+            answer.status, answer.body
+        ));
     }
 
     // Malformed key maps in otherwise good requests.
@@ -617,33 +590,38 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
             json!({"device_keys": keys.device_keys(), "one_time_keys": 7}),
         ),
     ] {
-        assert_error(&alice.post("/keys/upload", &body).await?, 400, "M_BAD_JSON");
-        let _ = what;
+        let answer = alice.post("/keys/upload", &body).await?;
+        if (answer.status, answer.errcode()) != (400, "M_BAD_JSON") {
+            wrong.push(format!(
+                "{what}: expected 400 M_BAD_JSON, got {} {}",
+                answer.status, answer.body
+            ));
+        }
     }
 
     // Nothing of all that was stored.
-    assert_eq!(
-        current_otk_count(&alice).await?,
-        0,
-        "no one-time keys stored"
-    );
+    let count = current_otk_count(&alice).await?;
+    if count != 0 {
+        wrong.push(format!("{count} one-time keys stored by refused requests"));
+    }
     let sync = alice.sync(None, Some(0), None).await?;
-    assert!(
-        unused_fallback_types(&sync).is_empty(),
-        "no fallback key stored: {}",
-        sync["device_unused_fallback_key_types"]
-    );
+    if !unused_fallback_types(&sync).is_empty() {
+        wrong.push(format!(
+            "a fallback key stored by refused requests: {}",
+            sync["device_unused_fallback_key_types"]
+        ));
+    }
     let seen = query(&bob, &[&alice.user_id]).await?;
-    assert!(
-        queried_devices(&seen, &alice.user_id).is_empty(),
-        "no device keys stored: {seen}"
-    );
+    if !queried_devices(&seen, &alice.user_id).is_empty() {
+        wrong.push(format!("device keys stored by refused requests: {seen}"));
+    }
     let claimed_now = claim(&bob, &[(&alice.user_id, &alice.device_id)]).await?;
-    assert_eq!(
-        claimed(&claimed_now, &alice.user_id, &alice.device_id),
-        None,
-        "nothing to claim: {claimed_now}"
-    );
+    if let Some(key) = claimed(&claimed_now, &alice.user_id, &alice.device_id) {
+        wrong.push(format!("a key claimable after refused requests: {key:?}"));
+    }
+    if !wrong.is_empty() {
+        bail!("{} wrong answers:\n{}", wrong.len(), wrong.join("\n"));
+    }
 
     // The same device keys, correctly signed, are then accepted.
     let answer = upload(&alice, &keys.upload_body(1)).await?;
@@ -653,6 +631,49 @@ async fn bad_uploads_store_nothing(server: TestServer) -> anyhow::Result<()> {
         queried_devices(&seen, &alice.user_id),
         BTreeSet::from([dev.clone()])
     );
+    Ok(())
+}
+
+/// Device keys lacking the device's `ed25519:<device>` or `curve25519:<device>` identity key
+/// are refused (the contract requires both) and store nothing.
+async fn device_keys_need_both_identity_keys(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", PASSWORD).await?;
+    let bob = server.register("bob", PASSWORD).await?;
+    let keys = DeviceKeys::of(&alice);
+    let dev = alice.device_id.clone();
+    let mut wrong = Vec::new();
+    for algorithm in ["ed25519", "curve25519"] {
+        let mut missing = keys.unsigned_device_keys();
+        missing["keys"]
+            .as_object_mut()
+            .expect("keys")
+            .remove(&format!("{algorithm}:{dev}"));
+        let body = json!({
+            "device_keys": keys.sign(missing),
+            "one_time_keys": keys.one_time_keys(2),
+        });
+        let answer = alice.post("/keys/upload", &body).await?;
+        let refused = answer.status == 400
+            && ["M_INVALID_PARAM", "M_BAD_JSON", "M_INVALID_SIGNATURE"].contains(&answer.errcode());
+        if !refused {
+            wrong.push(format!(
+                "device keys without {algorithm}:{dev}: expected 400 M_INVALID_PARAM (or \
+                 M_BAD_JSON / M_INVALID_SIGNATURE), got {} {}\n  request: {body}",
+                answer.status, answer.body
+            ));
+        }
+        let count = current_otk_count(&alice).await?;
+        let listed = queried_devices(&query(&bob, &[&alice.user_id]).await?, &alice.user_id);
+        if count != 0 || !listed.is_empty() {
+            wrong.push(format!(
+                "after the upload without {algorithm}:{dev}: {count} one-time keys stored, \
+                 devices listed {listed:?}"
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("{}", wrong.join("\n"));
+    }
     Ok(())
 }
 
@@ -1660,6 +1681,7 @@ async fn master_key_signatures(server: TestServer) -> anyhow::Result<()> {
 backend_tests!(
     upload_and_query_device_keys,
     bad_uploads_store_nothing,
+    device_keys_need_both_identity_keys,
     one_time_key_id_conflicts,
     claim_one_time_and_fallback_keys,
     concurrent_claims_hand_out_each_key_once,
