@@ -677,6 +677,84 @@ async fn device_keys_need_both_identity_keys(server: TestServer) -> anyhow::Resu
     Ok(())
 }
 
+/// Key uploads running alongside other requests that write (registrations, here) all
+/// succeed: no 500 from a storage conflict. Six devices upload device keys and one-time keys
+/// in a loop while 72 users register, 12 at a time.
+async fn uploads_alongside_registrations(server: TestServer) -> anyhow::Result<()> {
+    const UPLOADERS: usize = 6;
+    const REGISTRATIONS: usize = 12;
+    const ROUNDS: usize = 6;
+    let mut uploaders = Vec::new();
+    for i in 0..UPLOADERS {
+        let user = server.register(&format!("uploader{i}"), PASSWORD).await?;
+        let keys = DeviceKeys::of(&user);
+        upload(&user, &json!({"device_keys": keys.device_keys()})).await?;
+        uploaders.push((user, keys));
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let uploads = uploaders.iter().map(|(user, keys)| {
+        let done = &done;
+        async move {
+            let mut failures = Vec::new();
+            let mut uploaded = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                // New identity keys each time (a device-list change) and a batch of keys.
+                let identity = DeviceKeys::of(user);
+                let body = json!({
+                    "device_keys": identity.device_keys(),
+                    "one_time_keys": keys.one_time_keys(50),
+                });
+                let answer = user.post("/keys/upload", &body).await?;
+                if answer.status == 200 {
+                    uploaded += 50;
+                } else {
+                    failures.push(format!(
+                        "{} /keys/upload: {} {}",
+                        user.user_id, answer.status, answer.body
+                    ));
+                }
+            }
+            anyhow::Ok((uploaded, failures))
+        }
+    });
+    let registrations = async {
+        let mut outcomes = Vec::new();
+        for round in 0..ROUNDS {
+            outcomes.extend(
+                futures::future::join_all((0..REGISTRATIONS).map(|i| {
+                    let server = server.clone();
+                    async move {
+                        let name = format!("newcomer{round}x{i}");
+                        server
+                            .register(&name, PASSWORD)
+                            .await
+                            .err()
+                            .map(|e| format!("register {name}: {e:#}"))
+                    }
+                }))
+                .await,
+            );
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        outcomes
+    };
+    let (uploaded, registered) = futures::join!(futures::future::join_all(uploads), registrations);
+    let mut failures: Vec<String> = registered.into_iter().flatten().collect();
+    for ((user, _), outcome) in uploaders.iter().zip(uploaded) {
+        let (count, failed) = outcome?;
+        failures.extend(failed);
+        assert_eq!(current_otk_count(user).await?, count, "{}", user.user_id);
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} requests failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// One-time key IDs are unique per device: the same ID with other content is refused (and the
 /// rest of that request is not stored), with the same content it is accepted and counted once.
 async fn one_time_key_id_conflicts(server: TestServer) -> anyhow::Result<()> {
@@ -1682,6 +1760,7 @@ backend_tests!(
     upload_and_query_device_keys,
     bad_uploads_store_nothing,
     device_keys_need_both_identity_keys,
+    uploads_alongside_registrations,
     one_time_key_id_conflicts,
     claim_one_time_and_fallback_keys,
     concurrent_claims_hand_out_each_key_once,

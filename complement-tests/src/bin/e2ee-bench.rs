@@ -118,17 +118,22 @@ async fn measure(args: &Args, server: &TestServer) -> Result<Value> {
     let otks_per_device = WARMUP + args.iterations;
     let t = Instant::now();
     // Every user's registration device uploads device keys; the first `claim_devices` also
-    // enough one-time keys for every claim.
+    // enough one-time keys for every claim. All registrations come first: uploads running
+    // alongside registrations have been seen to fail on SQLite ("database is locked").
     let users: Vec<Client> = stream::iter(0..users_needed)
-        .map(|i| {
+        .map(|i| async move { server.register(&format!("user{i}"), PASSWORD).await })
+        .buffered(args.concurrency.max(1))
+        .try_collect()
+        .await?;
+    stream::iter(users.iter().enumerate())
+        .map(|(i, user)| {
             let otks = if i < args.claim_devices {
                 otks_per_device
             } else {
                 0
             };
             async move {
-                let user = server.register(&format!("user{i}"), PASSWORD).await?;
-                let keys = DeviceKeys::of(&user);
+                let keys = DeviceKeys::of(user);
                 let answer = success(
                     user.post("/keys/upload", &keys.upload_body(otks)).await?,
                     "keys/upload",
@@ -137,11 +142,11 @@ async fn measure(args: &Args, server: &TestServer) -> Result<Value> {
                     answer["one_time_key_counts"][SIGNED_CURVE25519] == json!(otks),
                     "upload of {otks} keys answered {answer}"
                 );
-                anyhow::Ok(user)
+                anyhow::Ok(())
             }
         })
-        .buffered(args.concurrency.max(1))
-        .try_collect()
+        .buffer_unordered(args.concurrency.max(1))
+        .try_collect::<Vec<()>>()
         .await?;
     eprintln!(
         "set-up: {users_needed} users with device keys ({} with {otks_per_device} one-time keys) in {:.1} s",
