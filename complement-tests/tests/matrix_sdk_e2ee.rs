@@ -510,73 +510,106 @@ async fn converse(alice: &Sdk, bob: &Sdk, room_name: &str) -> anyhow::Result<Own
     Ok(room_id)
 }
 
-/// Test 1: Alice and Bob on one server, each decrypts the other.
-async fn encrypted_conversation(server: TestServer) -> anyhow::Result<()> {
-    let name = test_name("conversation", server.backend());
+/// Two accounts on one homeserver's client API, already registered, each
+/// with the password `<localpart>-password`: the cast of the one-server
+/// scenarios, so that each runs against Myelin and, as a check of the test
+/// itself, against Synapse.
+#[derive(Clone)]
+struct Cast {
+    base_url: String,
+    alice: String,
+    bob: String,
+}
+
+impl Cast {
+    async fn login(&self, name: &str, localpart: &str) -> anyhow::Result<Sdk> {
+        Sdk::login(
+            name,
+            &self.base_url,
+            localpart,
+            &format!("{localpart}-password"),
+        )
+        .await
+    }
+
+    async fn alice(&self) -> anyhow::Result<Sdk> {
+        self.login("alice", &self.alice).await
+    }
+
+    async fn bob(&self, name: &str) -> anyhow::Result<Sdk> {
+        self.login(name, &self.bob).await
+    }
+}
+
+/// Registers `alice` and `bob` on a Myelin and runs `scenario` with them,
+/// keeping the server's whole log if it fails.
+async fn on_myelin<F, Fut>(server: TestServer, name: &str, scenario: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Cast) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let name = test_name(name, server.backend());
     let logs = [("myelin", myelin_log_path(&server))];
     keep_logs_on_failure(&name, &logs, async {
         server.register("alice", "alice-password").await?;
         server.register("bob", "bob-password").await?;
-        let alice = Sdk::login("alice", server.base_url(), "alice", "alice-password").await?;
-        let bob = Sdk::login("bob", server.base_url(), "bob", "bob-password").await?;
-        converse(&alice, &bob, "Secret room").await?;
-        Ok(())
+        scenario(Cast {
+            base_url: server.base_url().to_owned(),
+            alice: "alice".to_owned(),
+            bob: "bob".to_owned(),
+        })
+        .await
     })
     .await
+}
+
+/// Test 1: Alice and Bob on one server, each decrypts the other.
+async fn conversation_scenario(cast: Cast) -> anyhow::Result<()> {
+    let alice = cast.alice().await?;
+    let bob = cast.bob("bob").await?;
+    converse(&alice, &bob, "Secret room").await?;
+    Ok(())
 }
 
 /// Test 2: Bob with two devices. The second logs in after Alice has shared a
 /// session with the first, so Alice must learn of it from
 /// `device_lists.changed`; both devices decrypt Alice's next message.
-async fn two_devices_of_one_user(server: TestServer) -> anyhow::Result<()> {
-    let name = test_name("two-devices", server.backend());
-    let logs = [("myelin", myelin_log_path(&server))];
-    keep_logs_on_failure(&name, &logs, async {
-        server.register("alice", "alice-password").await?;
-        server.register("bob", "bob-password").await?;
-        let alice = Sdk::login("alice", server.base_url(), "alice", "alice-password").await?;
-        let bob1 = Sdk::login("bob", server.base_url(), "bob", "bob-password").await?;
-        let bob_id = bob1.user_id()?;
-        let room_id = converse(&alice, &bob1, "Two devices").await?;
+async fn two_devices_scenario(cast: Cast) -> anyhow::Result<()> {
+    let alice = cast.alice().await?;
+    let bob1 = cast.bob("bob").await?;
+    let bob_id = bob1.user_id()?;
+    let room_id = converse(&alice, &bob1, "Two devices").await?;
 
-        // Bob's second device appears; Alice's SDK is told through her sync.
-        let bob2 = Sdk::login(
-            "bob (second device)",
-            server.base_url(),
-            "bob",
-            "bob-password",
-        )
-        .await?;
-        let bob2_device = bob2.device_id()?;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            alice.sync().await?;
-            let known = alice.known_devices(&bob_id).await?;
-            if known.contains(&bob2_device) {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "Alice's SDK never learnt of Bob's new device {bob2_device} (knows {known:?}): \
-                     no device_lists.changed for {bob_id} in her /sync, or /keys/query without it"
-                );
-            }
+    // Bob's second device appears; Alice's SDK is told through her sync.
+    let bob2 = cast.bob("bob (second device)").await?;
+    let bob2_device = bob2.device_id()?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        alice.sync().await?;
+        let known = alice.known_devices(&bob_id).await?;
+        if known.contains(&bob2_device) {
+            break;
         }
-        bob2.sync().await?;
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "Alice's SDK never learnt of Bob's new device {bob2_device} (knows {known:?}): \
+                 no device_lists.changed for {bob_id} in her /sync, or /keys/query without it"
+            );
+        }
+    }
+    bob2.sync().await?;
 
-        let text = "for both of Bob's devices";
-        let sent = alice.send_text(&room_id, text).await?;
-        for bob in [&bob1, &bob2] {
-            let got = bob.wait_for_text(&room_id, text).await?;
-            assert_eq!(got.event_id, sent, "{}", bob.name);
-        }
-        // And the second device can talk back.
-        let reply = "from Bob's second device";
-        bob2.send_text(&room_id, reply).await?;
-        alice.wait_for_text(&room_id, reply).await?;
-        Ok(())
-    })
-    .await
+    let text = "for both of Bob's devices";
+    let sent = alice.send_text(&room_id, text).await?;
+    for bob in [&bob1, &bob2] {
+        let got = bob.wait_for_text(&room_id, text).await?;
+        assert_eq!(got.event_id, sent, "{}", bob.name);
+    }
+    // And the second device can talk back.
+    let reply = "from Bob's second device";
+    bob2.send_text(&room_id, reply).await?;
+    alice.wait_for_text(&room_id, reply).await?;
+    Ok(())
 }
 
 /// Bootstraps cross-signing for `sdk`, answering the password UIA stage if
@@ -625,157 +658,159 @@ async fn bootstrap_cross_signing(sdk: &Sdk, user: &str, password: &str) -> anyho
 }
 
 /// Test 3a: cross-signing bootstrap through the SDK, seen by another user.
-async fn cross_signing_bootstrap(server: TestServer) -> anyhow::Result<()> {
-    let name = test_name("cross-signing", server.backend());
-    let logs = [("myelin", myelin_log_path(&server))];
-    keep_logs_on_failure(&name, &logs, async {
-        server.register("alice", "alice-password").await?;
-        server.register("bob", "bob-password").await?;
-        let alice = Sdk::login("alice", server.base_url(), "alice", "alice-password").await?;
-        let bob = Sdk::login("bob", server.base_url(), "bob", "bob-password").await?;
-        let bob_id = bob.user_id()?;
-        // A shared encrypted room, so that Alice's SDK tracks Bob's keys.
-        converse(&alice, &bob, "Cross-signing").await?;
+async fn cross_signing_scenario(cast: Cast) -> anyhow::Result<()> {
+    let alice = cast.alice().await?;
+    let bob = cast.bob("bob").await?;
+    let bob_id = bob.user_id()?;
+    // A shared encrypted room, so that Alice's SDK tracks Bob's keys.
+    converse(&alice, &bob, "Cross-signing").await?;
 
-        bootstrap_cross_signing(&bob, "bob", "bob-password").await?;
-        let own = bob
+    bootstrap_cross_signing(&bob, &cast.bob, &format!("{}-password", cast.bob)).await?;
+    let own = bob
+        .client
+        .encryption()
+        .get_user_identity(&bob_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("Bob has no identity of his own after bootstrap"))?;
+    let master = own.master_key().get_first_key();
+    anyhow::ensure!(master.is_some(), "Bob's own identity has no master key");
+
+    // Alice learns of Bob's new identity from her sync (device_lists.changed).
+    let bob_device = bob.device_id()?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        alice.sync().await?;
+        let identity = alice.client.encryption().get_user_identity(&bob_id).await?;
+        let device = alice
             .client
             .encryption()
-            .get_user_identity(&bob_id)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("Bob has no identity of his own after bootstrap"))?;
-        let master = own.master_key().get_first_key();
-        anyhow::ensure!(master.is_some(), "Bob's own identity has no master key");
-
-        // Alice learns of Bob's new identity from her sync (device_lists.changed).
-        let bob_device = bob.device_id()?;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            alice.sync().await?;
-            let identity = alice.client.encryption().get_user_identity(&bob_id).await?;
-            let device = alice
+            .get_device(&bob_id, bob_device.as_str().into())
+            .await?;
+        let seen_master = identity
+            .as_ref()
+            .and_then(|i| i.master_key().get_first_key());
+        let cross_signed = device
+            .as_ref()
+            .is_some_and(|d| d.is_cross_signed_by_owner());
+        if seen_master.is_some() && cross_signed {
+            assert_eq!(
+                seen_master, master,
+                "Alice sees another master key than Bob's"
+            );
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            // Tell a missing device_lists entry from a /keys/query without the keys.
+            let requested = alice
                 .client
                 .encryption()
-                .get_device(&bob_id, bob_device.as_str().into())
-                .await?;
-            let seen_master = identity
-                .as_ref()
-                .and_then(|i| i.master_key().get_first_key());
-            let cross_signed = device
-                .as_ref()
-                .is_some_and(|d| d.is_cross_signed_by_owner());
-            if seen_master.is_some() && cross_signed {
-                assert_eq!(
-                    seen_master, master,
-                    "Alice sees another master key than Bob's"
-                );
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                // Tell a missing device_lists entry from a /keys/query without the keys.
-                let requested = alice
-                    .client
-                    .encryption()
-                    .request_user_identity(&bob_id)
-                    .await;
-                anyhow::bail!(
-                    "Alice's SDK did not see Bob's cross-signing within {WAIT:?}: master key \
+                .request_user_identity(&bob_id)
+                .await;
+            anyhow::bail!(
+                "Alice's SDK did not see Bob's cross-signing within {WAIT:?}: master key \
                      {seen_master:?} (Bob's is {master:?}), device {bob_device} cross-signed: \
                      {cross_signed}; an explicit /keys/query then gives identity: {:?}",
-                    requested.map(|i| i.map(|i| i.master_key().get_first_key()))
-                );
-            }
+                requested.map(|i| i.map(|i| i.master_key().get_first_key()))
+            );
         }
-        Ok(())
-    })
-    .await
+    }
+    Ok(())
 }
 
 /// Test 3b: key backup. Bob's first device enables recovery (a backup and
 /// secret storage), receives a message and backs its key up; a device of
 /// Bob's logged in only afterwards recovers with the recovery key, downloads
 /// the room's keys and decrypts the message sent before it existed.
+async fn key_backup_scenario(cast: Cast) -> anyhow::Result<()> {
+    let alice = cast.alice().await?;
+    let bob1 = cast.bob("bob").await?;
+    let room_id = converse(&alice, &bob1, "Backed up").await?;
+    bootstrap_cross_signing(&bob1, &cast.bob, &format!("{}-password", cast.bob)).await?;
+
+    let recovery_key = bounded(
+        "bob: recovery().enable()",
+        bob1.client
+            .encryption()
+            .recovery()
+            .enable()
+            .wait_for_backups_to_upload(),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob: recovery().enable() failed: {e:?}"))?;
+    let backups = bob1.client.encryption().backups();
+    anyhow::ensure!(
+        backups.are_enabled().await,
+        "bob: backups not enabled after recovery().enable(): {:?}",
+        backups.state()
+    );
+    anyhow::ensure!(
+        backups.fetch_exists_on_server().await?,
+        "bob: no backup version on the server after recovery().enable()"
+    );
+
+    let text = "sent before Bob's second device existed";
+    let sent = alice.send_text(&room_id, text).await?;
+    bob1.wait_for_text(&room_id, text).await?;
+    bounded(
+        "bob: uploading room keys to the backup",
+        backups.wait_for_steady_state(),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob: backing the room keys up failed: {e:?}"))?;
+
+    // A new device of Bob's: Alice never shared the session with it.
+    let bob2 = cast.bob("bob (new device)").await?;
+    bob2.sync().await?;
+    let before = bob2.refetch_decrypted(&room_id, &sent).await?;
+    anyhow::ensure!(
+        before.is_none(),
+        "the new device decrypted the old message before recovering: {before:?}"
+    );
+    bounded(
+        "bob (new device): recovery().recover()",
+        bob2.client.encryption().recovery().recover(&recovery_key),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob (new device): recover failed: {e:?}"))?;
+    let status = bob2.client.encryption().cross_signing_status().await;
+    anyhow::ensure!(
+        status.as_ref().is_some_and(|s| s.is_complete()),
+        "bob (new device): cross-signing keys not recovered from secret storage: {status:?}"
+    );
+    let backups2 = bob2.client.encryption().backups();
+    anyhow::ensure!(
+        backups2.are_enabled().await,
+        "bob (new device): backups not enabled after recovering: {:?}",
+        backups2.state()
+    );
+    bounded(
+        "bob (new device): downloading the room's keys",
+        backups2.download_room_keys_for_room(&room_id),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob (new device): downloading room keys failed: {e:?}"))?;
+    let after = bob2.refetch_decrypted(&room_id, &sent).await?;
+    anyhow::ensure!(
+        after.as_deref() == Some(text),
+        "bob (new device) could not decrypt the old message with the backed-up key: {after:?}"
+    );
+    Ok(())
+}
+
+async fn encrypted_conversation(server: TestServer) -> anyhow::Result<()> {
+    on_myelin(server, "conversation", conversation_scenario).await
+}
+
+async fn two_devices_of_one_user(server: TestServer) -> anyhow::Result<()> {
+    on_myelin(server, "two-devices", two_devices_scenario).await
+}
+
+async fn cross_signing_bootstrap(server: TestServer) -> anyhow::Result<()> {
+    on_myelin(server, "cross-signing", cross_signing_scenario).await
+}
+
 async fn key_backup_restores_history(server: TestServer) -> anyhow::Result<()> {
-    let name = test_name("key-backup", server.backend());
-    let logs = [("myelin", myelin_log_path(&server))];
-    keep_logs_on_failure(&name, &logs, async {
-        server.register("alice", "alice-password").await?;
-        server.register("bob", "bob-password").await?;
-        let alice = Sdk::login("alice", server.base_url(), "alice", "alice-password").await?;
-        let bob1 = Sdk::login("bob", server.base_url(), "bob", "bob-password").await?;
-        let room_id = converse(&alice, &bob1, "Backed up").await?;
-        bootstrap_cross_signing(&bob1, "bob", "bob-password").await?;
-
-        let recovery_key = bounded(
-            "bob: recovery().enable()",
-            bob1.client
-                .encryption()
-                .recovery()
-                .enable()
-                .wait_for_backups_to_upload(),
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bob: recovery().enable() failed: {e:?}"))?;
-        let backups = bob1.client.encryption().backups();
-        anyhow::ensure!(
-            backups.are_enabled().await,
-            "bob: backups not enabled after recovery().enable(): {:?}",
-            backups.state()
-        );
-        anyhow::ensure!(
-            backups.fetch_exists_on_server().await?,
-            "bob: no backup version on the server after recovery().enable()"
-        );
-
-        let text = "sent before Bob's second device existed";
-        let sent = alice.send_text(&room_id, text).await?;
-        bob1.wait_for_text(&room_id, text).await?;
-        bounded(
-            "bob: uploading room keys to the backup",
-            backups.wait_for_steady_state(),
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bob: backing the room keys up failed: {e:?}"))?;
-
-        // A new device of Bob's: Alice never shared the session with it.
-        let bob2 = Sdk::login("bob (new device)", server.base_url(), "bob", "bob-password").await?;
-        bob2.sync().await?;
-        let before = bob2.refetch_decrypted(&room_id, &sent).await?;
-        anyhow::ensure!(
-            before.is_none(),
-            "the new device decrypted the old message before recovering: {before:?}"
-        );
-        bounded(
-            "bob (new device): recovery().recover()",
-            bob2.client.encryption().recovery().recover(&recovery_key),
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bob (new device): recover failed: {e:?}"))?;
-        let status = bob2.client.encryption().cross_signing_status().await;
-        anyhow::ensure!(
-            status.as_ref().is_some_and(|s| s.is_complete()),
-            "bob (new device): cross-signing keys not recovered from secret storage: {status:?}"
-        );
-        let backups2 = bob2.client.encryption().backups();
-        anyhow::ensure!(
-            backups2.are_enabled().await,
-            "bob (new device): backups not enabled after recovering: {:?}",
-            backups2.state()
-        );
-        bounded(
-            "bob (new device): downloading the room's keys",
-            backups2.download_room_keys_for_room(&room_id),
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("bob (new device): downloading room keys failed: {e:?}"))?;
-        let after = bob2.refetch_decrypted(&room_id, &sent).await?;
-        anyhow::ensure!(
-            after.as_deref() == Some(text),
-            "bob (new device) could not decrypt the old message with the backed-up key: {after:?}"
-        );
-        Ok(())
-    })
-    .await
+    on_myelin(server, "key-backup", key_backup_scenario).await
 }
 
 backend_tests!(
@@ -836,6 +871,38 @@ async fn synapse_conversation() -> anyhow::Result<()> {
         let sam = Sdk::login("sam (Synapse)", synapse.client_url(), "sam", "sam-password").await?;
         converse(&mia, &sam, "Hosted by Myelin").await?;
         converse(&sam, &mia, "Hosted by Synapse").await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The one-server scenarios against Synapse alone: a check of the tests
+/// themselves (and of this matrix-sdk against the reference server), so that
+/// a scenario failing on Myelin points at Myelin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_baseline() -> anyhow::Result<()> {
+    let synapse = Synapse::start().await?;
+    let logs = [("synapse", synapse.data_dir().join("synapse.log"))];
+    keep_logs_on_failure("synapse-baseline", &logs, async {
+        let mut casts = Vec::new();
+        for i in 0..4 {
+            let (alice, bob) = (format!("alice{i}"), format!("bob{i}"));
+            synapse
+                .register(&alice, &format!("{alice}-password"))
+                .await?;
+            synapse.register(&bob, &format!("{bob}-password")).await?;
+            casts.push(Cast {
+                base_url: synapse.client_url().to_owned(),
+                alice,
+                bob,
+            });
+        }
+        let mut casts = casts.into_iter();
+        let mut next = || casts.next().ok_or_else(|| anyhow::anyhow!("no cast left"));
+        conversation_scenario(next()?).await?;
+        two_devices_scenario(next()?).await?;
+        cross_signing_scenario(next()?).await?;
+        key_backup_scenario(next()?).await?;
         Ok(())
     })
     .await
