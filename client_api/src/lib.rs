@@ -25,6 +25,7 @@ pub mod error;
 pub mod extract;
 mod filter;
 mod hierarchy;
+mod keys;
 mod membership;
 mod message;
 mod profile;
@@ -58,6 +59,20 @@ fn versioned() -> Router<Arc<Server>> {
                 .delete(devices::delete_one),
         )
         .route("/delete_devices", post(devices::delete_many))
+        // End-to-end encryption
+        .route("/keys/upload", post(keys::upload))
+        .route("/keys/query", post(keys::query))
+        .route("/keys/claim", post(keys::claim))
+        .route("/keys/changes", get(keys::changes))
+        .route(
+            "/keys/device_signing/upload",
+            post(keys::device_signing_upload),
+        )
+        .route("/keys/signatures/upload", post(keys::signatures_upload))
+        .route(
+            "/sendToDevice/{event_type}/{txn_id}",
+            put(keys::send_to_device),
+        )
         // Rooms
         .route("/createRoom", post(room::create_room))
         .route("/joined_rooms", get(membership::joined_rooms))

@@ -231,7 +231,7 @@ impl Server {
         devices: Option<&[String]>,
         keep: Option<&str>,
     ) -> Result<Vec<String>> {
-        let gone = self.store.delete_devices(user_id, devices, keep).await?;
+        let gone = self.remove_devices(user_id, devices, keep).await?;
         for d in &gone {
             self.tokens.forget(user_id, Some(d));
         }

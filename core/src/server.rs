@@ -153,6 +153,10 @@ pub struct Server {
     pub events_stream: StreamTracker,
     /// Account-data stream.
     pub account_data_stream: StreamTracker,
+    /// To-device messages stream.
+    pub to_device_stream: StreamTracker,
+    /// Device-list stream (changes of users' devices and cross-signing keys).
+    pub device_list_stream: StreamTracker,
     next_event_nid: AtomicI64,
     next_state_group: AtomicI64,
     next_room_nid: AtomicI64,
@@ -209,6 +213,8 @@ impl Server {
         let key = SigningKey::load_or_generate(&config.data_dir.join("signing.key"))?;
         let (max_stream, max_event, max_group) = store.max_ids().await?;
         let max_ad = store.max_account_data_stream().await?;
+        let max_to_device = store.max_to_device_stream().await?;
+        let max_device_list = store.max_device_list_stream().await?;
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
         let min_stream = store.min_stream_ordering().await?;
@@ -228,6 +234,8 @@ impl Server {
             notifier: Notifier::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
+            to_device_stream: StreamTracker::new(max_to_device),
+            device_list_stream: StreamTracker::new(max_device_list),
             next_event_nid: AtomicI64::new(max_event + 1),
             next_state_group: AtomicI64::new(max_group + 1),
             next_room_nid: AtomicI64::new(max_room + 1),

@@ -59,6 +59,8 @@ impl Server {
         SyncToken {
             events: self.events_stream.current(),
             account_data: self.account_data_stream.current(),
+            to_device: self.to_device_stream.current(),
+            device_lists: self.device_list_stream.current(),
         }
     }
 
@@ -74,9 +76,12 @@ impl Server {
             let stopping = self
                 .shutting_down
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let unchanged = req
-                .since
-                .is_some_and(|s| s.events >= now.events && s.account_data >= now.account_data);
+            let unchanged = req.since.is_some_and(|s| {
+                s.events >= now.events
+                    && s.account_data >= now.account_data
+                    && s.to_device >= now.to_device
+                    && s.device_lists >= now.device_lists
+            });
             if !unchanged || req.full_state || req.timeout.is_zero() || stopping {
                 let (body, empty) = Box::pin(self.compute_sync(req, now)).await?;
                 if !empty
@@ -253,21 +258,46 @@ impl Server {
                 }
             }
         }
-        let empty =
-            join.is_empty() && invite.is_empty() && leave.is_empty() && global_ad.is_empty();
+        // End-to-end encryption: to-device messages (the ones up to `since` acknowledged),
+        // device-list changes, key counts.
+        let to_device = self
+            .to_device_batch(
+                &req.user_id,
+                &req.device_id,
+                req.since.map(|s| s.to_device),
+                now.to_device,
+            )
+            .await?;
+        let device_lists = match req.since {
+            Some(since) => self.device_list_delta(&req.user_id, since, now).await?,
+            None => Default::default(),
+        };
+        let (otk_counts, fallback_types) = self.key_counts(&req.user_id, &req.device_id).await?;
+        let empty = join.is_empty()
+            && invite.is_empty()
+            && leave.is_empty()
+            && global_ad.is_empty()
+            && to_device.events.is_empty()
+            && device_lists.changed.is_empty()
+            && device_lists.left.is_empty();
+        let next = SyncToken {
+            to_device: to_device.next,
+            ..now
+        };
         let mut rooms = Map::new();
         rooms.insert("join".into(), Value::Object(join));
         rooms.insert("invite".into(), Value::Object(invite));
         rooms.insert("leave".into(), Value::Object(leave));
         rooms.insert("knock".into(), Value::Object(knock));
         let body = json!({
-            "next_batch": now.encode(),
+            "next_batch": next.encode(),
             "rooms": rooms,
             "account_data": { "events": global_ad },
             "presence": { "events": [] },
-            "to_device": { "events": [] },
-            "device_lists": { "changed": [], "left": [] },
-            "device_one_time_keys_count": {},
+            "to_device": { "events": to_device.events },
+            "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
+            "device_one_time_keys_count": otk_counts,
+            "device_unused_fallback_key_types": fallback_types,
         });
         Ok((body, empty))
     }

@@ -1,7 +1,7 @@
 //! Sync and pagination tokens.
 //!
-//! A sync token is `s1_<events>_<account_data>`: a version tag and one position per stream
-//! (later streams append fields; missing trailing fields read as 0). A topological pagination
+//! A sync token is `s1_<events>_<account_data>_<to_device>_<device_lists>`: a version tag and
+//! one position per stream (later streams append fields; missing trailing fields read as 0). A topological pagination
 //! token is `t<depth>_<stream>`: the boundary just after the event at (depth, stream) in
 //! (depth, stream_ordering) order.
 
@@ -12,11 +12,16 @@ use crate::{Error, Result};
 pub struct SyncToken {
     pub events: i64,
     pub account_data: i64,
+    pub to_device: i64,
+    pub device_lists: i64,
 }
 
 impl SyncToken {
     pub fn encode(&self) -> String {
-        format!("s1_{}_{}", self.events, self.account_data)
+        format!(
+            "s1_{}_{}_{}_{}",
+            self.events, self.account_data, self.to_device, self.device_lists
+        )
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -24,13 +29,20 @@ impl SyncToken {
         let rest = s.strip_prefix("s1_").ok_or_else(bad)?;
         let mut nums = rest.split('_').map(|p| p.parse::<i64>().map_err(|_| bad()));
         let events = nums.next().ok_or_else(bad)??;
-        let account_data = nums.next().transpose()?.unwrap_or(0);
-        if events < 0 || account_data < 0 {
+        let mut next = || nums.next().transpose().map(|n| n.unwrap_or(0));
+        let (account_data, to_device, device_lists) = (next()?, next()?, next()?);
+        if nums.next().is_some()
+            || [events, account_data, to_device, device_lists]
+                .iter()
+                .any(|n| *n < 0)
+        {
             return Err(bad());
         }
         Ok(SyncToken {
             events,
             account_data,
+            to_device,
+            device_lists,
         })
     }
 }
@@ -50,7 +62,7 @@ impl PageToken {
             PageToken::Topological { depth, stream } => format!("t{depth}_{stream}"),
             PageToken::Stream(s) => SyncToken {
                 events: *s,
-                account_data: 0,
+                ..SyncToken::default()
             }
             .encode(),
         }
@@ -78,16 +90,27 @@ mod tests {
         let t = SyncToken {
             events: 42,
             account_data: 7,
+            to_device: 3,
+            device_lists: 9,
         };
         assert_eq!(SyncToken::parse(&t.encode()).unwrap(), t);
         assert_eq!(
             SyncToken::parse("s1_5").unwrap(),
             SyncToken {
                 events: 5,
-                account_data: 0
+                ..SyncToken::default()
             }
         );
-        for bad in ["", "s1_", "s1_x_1", "s2_1_1", "s1_-1_0", "t1_2"] {
+        assert_eq!(SyncToken::parse("s1_5_2").unwrap().account_data, 2);
+        for bad in [
+            "",
+            "s1_",
+            "s1_x_1",
+            "s2_1_1",
+            "s1_-1_0",
+            "t1_2",
+            "s1_1_1_1_1_1",
+        ] {
             assert!(SyncToken::parse(bad).is_err(), "{bad}");
         }
     }

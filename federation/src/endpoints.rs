@@ -52,9 +52,9 @@ pub fn routes() -> Router<FedState> {
         )
         .route("/hierarchy/{room_id}", get(crate::rooms::hierarchy))
         .route("/query/profile", get(query_profile))
-        .route("/user/devices/{user_id}", get(user_devices))
-        .route("/user/keys/query", post(user_keys_query))
-        .route("/user/keys/claim", post(user_keys_claim));
+        .route("/user/devices/{user_id}", get(crate::e2ee::user_devices))
+        .route("/user/keys/query", post(crate::e2ee::user_keys_query))
+        .route("/user/keys/claim", post(crate::e2ee::user_keys_claim));
     let v2 = Router::new()
         .route("/send_join/{room_id}/{event_id}", put(send_join))
         .route("/send_leave/{room_id}/{event_id}", put(send_leave))
@@ -155,11 +155,11 @@ async fn send_transaction(
         Some(_) => return Err(Error::bad_json("pdus must be an array").into()),
     };
     let edus = match b.get("edus") {
-        Some(Value::Array(e)) => e.len(),
-        None => 0,
+        Some(Value::Array(e)) => e.clone(),
+        None => vec![],
         Some(_) => return Err(Error::bad_json("edus must be an array").into()),
     };
-    if pdus.len() > MAX_TXN_PDUS || edus > MAX_TXN_EDUS {
+    if pdus.len() > MAX_TXN_PDUS || edus.len() > MAX_TXN_EDUS {
         return Err(Error::bad_json(format!(
             "a transaction carries at most {MAX_TXN_PDUS} PDUs and {MAX_TXN_EDUS} EDUs"
         ))
@@ -203,9 +203,10 @@ async fn send_transaction(
         }
     }
     finish_queued(fed, &origin, &mut queued, &mut results).await;
-    // EDUs (typing, receipts, presence, device lists, to-device) are accepted and dropped
-    // until the features they belong to exist. Room EDUs (typing, receipts) must then pass
-    // `Server::server_acl_allows` for their room, as PDUs do.
+    // To-device messages and device-list changes are taken in; typing, receipts and presence
+    // are dropped until their features exist (room EDUs must then pass
+    // `Server::server_acl_allows` for their room, as PDUs do).
+    fed.receive_edus(&origin, &edus).await?;
     let response = json!({ "pdus": results });
     server
         .store
@@ -904,36 +905,4 @@ async fn query_profile(
         out.insert("avatar_url".into(), json!(a));
     }
     Ok(Json(Value::Object(out)))
-}
-
-async fn user_devices(
-    State(st): State<FedState>,
-    Path(user_id): Path<String>,
-    _signed: Signed,
-) -> FedResult<Json<Value>> {
-    let server = &fed(&st).server;
-    let user: OwnedUserId = parse(user_id, "user ID")?;
-    if *user.server_name() != *server.server_name {
-        return Err(Error::invalid_param("The user is not on this server").into());
-    }
-    let devices = server.store.devices(user.as_str()).await?;
-    // Device keys arrive with end-to-end encryption support; until then devices carry none.
-    Ok(Json(json!({
-        "user_id": user,
-        "stream_id": 0,
-        "devices": devices.iter().map(|d| json!({
-            "device_id": d.device_id,
-            "device_display_name": d.display_name,
-            "keys": {},
-        })).collect::<Vec<_>>(),
-    })))
-}
-
-async fn user_keys_query(State(_st): State<FedState>, _signed: Signed) -> FedResult<Json<Value>> {
-    // No device keys are stored yet (end-to-end encryption support is a later feature).
-    Ok(Json(json!({ "device_keys": {} })))
-}
-
-async fn user_keys_claim(State(_st): State<FedState>, _signed: Signed) -> FedResult<Json<Value>> {
-    Ok(Json(json!({ "one_time_keys": {} })))
 }

@@ -8,11 +8,13 @@
 //!   [`endpoints`]: the `/_matrix/federation/*` handlers; [`sender`]: the durable outbox, one
 //!   queue per destination; [`outbound`]: what our users do in other servers' rooms (joins,
 //!   invites, leaves, directory and profile look-ups); [`rooms`]: room directories and space
-//!   hierarchies, served and asked for.
+//!   hierarchies, served and asked for; [`e2ee`]: keys, device lists and to-device messages
+//!   across servers.
 
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod e2ee;
 mod endpoints;
 pub mod history;
 pub mod inbound;

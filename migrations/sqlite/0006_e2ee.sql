@@ -51,11 +51,13 @@ CREATE TABLE key_signatures (
 );
 
 -- The device-list stream: one row per change of a user's devices or cross-signing keys (our
--- users, and other servers' users whose updates reached us). A local user's rows are also the
--- stream_id/prev_id chain of their m.device_list_update EDUs.
+-- users, and other servers' users whose updates reached us). A local user's rows with a
+-- device_id (device changes, not cross-signing ones) are also the stream_id/prev_id chain of
+-- their m.device_list_update EDUs.
 CREATE TABLE device_list_changes (
     stream_id       BIGINT PRIMARY KEY,
-    user_id         TEXT NOT NULL
+    user_id         TEXT NOT NULL,
+    device_id       TEXT
 );
 CREATE INDEX device_list_changes_user ON device_list_changes (user_id, stream_id);
 

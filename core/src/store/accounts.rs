@@ -241,39 +241,6 @@ impl Store {
         }))
     }
 
-    /// Deletes devices (with their tokens). `keep` is spared when deleting all of a user's.
-    pub async fn delete_devices(
-        &self,
-        user_id: &str,
-        devices: Option<&[String]>,
-        keep: Option<&str>,
-    ) -> Result<Vec<String>> {
-        let mut w = self.write().await?;
-        let existing: Vec<String> =
-            sqlx::query_scalar("SELECT device_id FROM devices WHERE user_id = $1")
-                .bind(user_id)
-                .fetch_all(&mut *w.tx)
-                .await?;
-        let doomed: Vec<String> = existing
-            .into_iter()
-            .filter(|d| devices.is_none_or(|list| list.contains(d)))
-            .filter(|d| Some(d.as_str()) != keep)
-            .collect();
-        for d in &doomed {
-            for table in ["access_tokens", "refresh_tokens", "devices"] {
-                sqlx::query(AssertSqlSafe(format!(
-                    "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
-                )))
-                .bind(user_id)
-                .bind(d)
-                .execute(&mut *w.tx)
-                .await?;
-            }
-        }
-        w.commit().await?;
-        Ok(doomed)
-    }
-
     pub async fn devices(&self, user_id: &str) -> Result<Vec<DeviceRow>> {
         let rows = sqlx::query(
             "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices \
@@ -472,4 +439,30 @@ async fn insert_tokens(
         .await?;
     }
     Ok(())
+}
+
+impl super::WriteTxn<'_> {
+    /// A user's device IDs.
+    pub async fn device_ids(&mut self, user_id: &str) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT device_id FROM devices WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(&mut *self.tx)
+                .await?,
+        )
+    }
+
+    /// Deletes a device with its tokens and everything E2EE of it.
+    pub async fn delete_device(&mut self, user_id: &str, device_id: &str) -> Result<()> {
+        for table in ["access_tokens", "refresh_tokens", "devices"] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
+            )))
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        self.delete_device_keys(user_id, device_id).await
+    }
 }

@@ -7,6 +7,7 @@
 
 mod accounts;
 mod batch;
+mod e2ee;
 mod events;
 mod federation;
 mod history;
@@ -24,7 +25,8 @@ use sqlx::{
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::{
-    accounts::*, batch::*, events::*, federation::*, history::*, misc::*, redactions::*, rooms::*,
+    accounts::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*, redactions::*,
+    rooms::*,
 };
 use crate::{Error, Result};
 

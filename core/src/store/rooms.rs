@@ -205,6 +205,38 @@ impl Store {
             .collect())
     }
 
+    /// The rooms a user is joined to (for users of other servers, whose memberships are not
+    /// cached).
+    pub async fn rooms_with_member(&self, user_id: &str) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT room_nid FROM room_memberships WHERE user_id = $1 AND membership = 'join'",
+        )
+        .bind(user_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// `(user, membership)` of a room's members whose membership changed in `(from, to]`.
+    pub async fn membership_changes(
+        &self,
+        room_nid: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query(
+            "SELECT user_id, membership FROM room_memberships \
+             WHERE room_nid = $1 AND stream_ordering > $2 AND stream_ordering <= $3",
+        )
+        .bind(room_nid)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
     pub async fn membership(&self, room_nid: i64, user_id: &str) -> Result<Option<MembershipRow>> {
         let sql = format!(
             "SELECT {MEMBER_COLS} FROM room_memberships WHERE room_nid = $1 AND user_id = $2"
