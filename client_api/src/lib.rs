@@ -31,6 +31,7 @@ mod message;
 mod profile;
 mod push;
 mod room;
+mod room_keys;
 mod sync;
 mod uia;
 
@@ -175,6 +176,35 @@ fn versioned() -> Router<Arc<Server>> {
             get(push::get_actions).put(push::put_actions),
         )
         .route("/pushrules", get(push::get_rules))
+        // Server-side key backups
+        .route(
+            "/room_keys/version",
+            get(room_keys::get_current_version).post(room_keys::create_version),
+        )
+        .route(
+            "/room_keys/version/{version}",
+            get(room_keys::get_version)
+                .put(room_keys::update_version)
+                .delete(room_keys::delete_version),
+        )
+        .route(
+            "/room_keys/keys",
+            get(room_keys::get_all)
+                .put(room_keys::put_all)
+                .delete(room_keys::delete_all),
+        )
+        .route(
+            "/room_keys/keys/{room_id}",
+            get(room_keys::get_room)
+                .put(room_keys::put_room)
+                .delete(room_keys::delete_room),
+        )
+        .route(
+            "/room_keys/keys/{room_id}/{session_id}",
+            get(room_keys::get_session)
+                .put(room_keys::put_session)
+                .delete(room_keys::delete_session),
+        )
         // Sync
         .route("/sync", get(sync::sync))
 }

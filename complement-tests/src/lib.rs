@@ -18,6 +18,9 @@
 //!   (such as the bench binary) can reuse it.
 //! - [`backend_tests!`]: turns each listed `async fn` into a `#[tokio::test]`
 //!   per storage backend; [`run_backend_test`] is what those tests call.
+//! - [`e2ee`]: end-to-end-encryption key material for the E2EE tests and
+//!   `e2ee-bench`: ed25519 key pairs, signed device, one-time, fallback and
+//!   cross-signing keys.
 //! - [`bench`]: the statistics the benchmark programs (`src/bin/`) print.
 //! - [`eventually`]: a bounded poll for effects a server may apply in the
 //!   background.
@@ -49,6 +52,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod e2ee;
 pub mod federation;
 pub mod postgres;
 pub mod server;

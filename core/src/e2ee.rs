@@ -665,16 +665,20 @@ impl Server {
         since: SyncToken,
         now: SyncToken,
     ) -> Result<DeviceListDelta> {
-        let peers = self.encrypted_room_peers(user_id).await?;
         let mut changed: HashSet<String> = HashSet::new();
         let mut left: HashSet<String> = HashSet::new();
+        // Who shares an encrypted room with the user: computed once, only when needed.
+        let mut peers: Option<HashSet<String>> = None;
         if since.device_lists < now.device_lists {
-            for u in self
+            let users = self
                 .store
                 .device_list_changes(since.device_lists, now.device_lists)
-                .await?
-            {
-                if u == user_id || peers.contains(&u) {
+                .await?;
+            if users.iter().any(|u| u != user_id) {
+                peers = Some(self.encrypted_room_peers(user_id).await?);
+            }
+            for u in users {
+                if u == user_id || peers.as_ref().is_some_and(|p| p.contains(&u)) {
                     changed.insert(u);
                 }
             }
@@ -690,6 +694,10 @@ impl Server {
                 let Some(enc) = self.state_event(&state, "m.room.encryption", "").await? else {
                     continue;
                 };
+                if peers.is_none() {
+                    peers = Some(self.encrypted_room_peers(user_id).await?);
+                }
+                let peers = peers.get_or_insert_with(HashSet::new);
                 let members = self.members(room.nid).await?;
                 let newly_encrypted = enc
                     .stream_ordering
@@ -1326,9 +1334,14 @@ impl Server {
         if stream_id <= held.stream_id {
             return Ok(true);
         }
-        if !prev.iter().all(|p| *p <= held.stream_id)
-            || (!prev.is_empty() && !prev.contains(&held.stream_id))
-        {
+        // It follows on from what we hold only if it names our position as its previous one
+        // (or both begin the list).
+        let follows = if prev.is_empty() {
+            held.stream_id == 0
+        } else {
+            prev.contains(&held.stream_id) && prev.iter().all(|p| *p <= held.stream_id)
+        };
+        if !follows {
             return Ok(false);
         }
         let mut devices: Vec<Value> = serde_json::from_str(&held.devices).unwrap_or_default();

@@ -3,6 +3,7 @@
 //! the notifier, sync, and the store over PostgreSQL and SQLite. It knows nothing of HTTP routing.
 
 pub mod accounts;
+pub mod backup;
 pub mod config;
 pub mod directory;
 pub mod e2ee;

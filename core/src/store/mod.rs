@@ -6,6 +6,7 @@
 //! lock (which also keeps WAL readers from ever upgrading a stale snapshot).
 
 mod accounts;
+mod backup;
 mod batch;
 mod e2ee;
 mod events;
@@ -25,8 +26,8 @@ use sqlx::{
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::{
-    accounts::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*, redactions::*,
-    rooms::*,
+    accounts::*, backup::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*,
+    redactions::*, rooms::*,
 };
 use crate::{Error, Result};
 
