@@ -14,11 +14,13 @@
 //!   already shared a session with his first; Alice's SDK learns of the new
 //!   device from `device_lists.changed` in her `/sync`, and both of Bob's
 //!   devices decrypt her next message.
-//! - [`cross_signing_bootstrap`]: `bootstrap_cross_signing` (with the
-//!   password UIA stage) uploads Bob's master, self-signing and user-signing
-//!   keys and his device's signature; Alice's SDK sees Bob's master key and
-//!   his device as cross-signed, through `device_lists.changed` and
-//!   `/keys/query`.
+//! - [`cross_signing_bootstrap`]: `bootstrap_cross_signing` uploads Bob's
+//!   master, self-signing and user-signing keys and his device's signature
+//!   (answering a password UIA stage if the server asks for one); Alice's SDK
+//!   sees Bob's master key and his device as cross-signed, through
+//!   `device_lists.changed` and `/keys/query`. Then `reset_cross_signing`
+//!   replaces the keys, which the server must refuse without the password
+//!   (UIA); Alice's SDK sees the new master key.
 //! - [`key_backup_restores_history`]: `recovery().enable()` creates a
 //!   server-side key backup and secret storage; a device of Bob's logged in
 //!   only afterwards recovers with the recovery key, downloads the room keys
@@ -31,7 +33,8 @@
 //!
 //! Every wait is bounded ([`WAIT`]); a test fails within about a minute
 //! rather than hanging. On failure the servers' whole logs are kept under the
-//! target directory's `tmp/` (the harness prints only a tail). The Myelin
+//! target directory's `tmp/` (the harness prints only a tail; set
+//! `MYELIN_SDK_TEST_KEEP_LOGS` to keep them after a pass too). The Myelin
 //! servers log each request and its status (`tower_http=debug`); set
 //! `MYELIN_SDK_TEST_LOG` to a `MYELIN_LOG` filter to change that.
 
@@ -48,7 +51,10 @@ use std::time::Duration;
 use complement_tests::{backend_tests, federation, Backend, Synapse, TestServer};
 use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::deserialized_responses::{EncryptionInfo, TimelineEventKind};
-use matrix_sdk::encryption::{BackupDownloadStrategy, EncryptionSettings};
+use matrix_sdk::encryption::vodozemac::Ed25519PublicKey;
+use matrix_sdk::encryption::{
+    BackupDownloadStrategy, CrossSigningResetAuthType, EncryptionSettings,
+};
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::uiaa;
 use matrix_sdk::ruma::events::room::encrypted::{
@@ -453,15 +459,16 @@ async fn bounded<F: IntoFuture>(what: &str, future: F) -> anyhow::Result<F::Outp
 
 // Logs ---------------------------------------------------------------------------------------
 
-/// Runs `body`; on failure copies each named log whole to the target
-/// directory's `tmp/` and says where.
+/// Runs `body`; on failure (or always, with `MYELIN_SDK_TEST_KEEP_LOGS` set)
+/// copies each named log whole to the target directory's `tmp/` and says
+/// where.
 async fn keep_logs_on_failure(
     test: &str,
     logs: &[(&str, PathBuf)],
     body: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let result = body.await;
-    if result.is_err() {
+    if result.is_err() || std::env::var_os("MYELIN_SDK_TEST_KEEP_LOGS").is_some() {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
         for (what, from) in logs {
             let to = dir.join(format!("sdk-e2ee-{test}-{what}.log"));
@@ -657,33 +664,29 @@ async fn bootstrap_cross_signing(sdk: &Sdk, user: &str, password: &str) -> anyho
     Ok(())
 }
 
-/// Test 3a: cross-signing bootstrap through the SDK, seen by another user.
-async fn cross_signing_scenario(cast: Cast) -> anyhow::Result<()> {
-    let alice = cast.alice().await?;
-    let bob = cast.bob("bob").await?;
-    let bob_id = bob.user_id()?;
-    // A shared encrypted room, so that Alice's SDK tracks Bob's keys.
-    converse(&alice, &bob, "Cross-signing").await?;
-
-    bootstrap_cross_signing(&bob, &cast.bob, &format!("{}-password", cast.bob)).await?;
-    let own = bob
-        .client
+/// Bob's master key as his own SDK holds it.
+async fn own_master_key(bob: &Sdk) -> anyhow::Result<Ed25519PublicKey> {
+    bob.client
         .encryption()
-        .get_user_identity(&bob_id)
+        .get_user_identity(&bob.user_id()?)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("Bob has no identity of his own after bootstrap"))?;
-    let master = own.master_key().get_first_key();
-    anyhow::ensure!(master.is_some(), "Bob's own identity has no master key");
+        .and_then(|own| own.master_key().get_first_key())
+        .ok_or_else(|| anyhow::anyhow!("{} has no master key of its own", bob.name))
+}
 
-    // Alice learns of Bob's new identity from her sync (device_lists.changed).
+/// Syncs `alice` until her SDK holds `master` as `bob`'s master key and sees
+/// `bob`'s device as signed by his self-signing key: what `device_lists.changed`
+/// and `/keys/query` (master and self-signing keys, the device's signatures)
+/// must deliver.
+async fn wait_for_identity(alice: &Sdk, bob: &Sdk, master: Ed25519PublicKey) -> anyhow::Result<()> {
+    let bob_id = bob.user_id()?;
     let bob_device = bob.device_id()?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         alice.sync().await?;
-        let identity = alice.client.encryption().get_user_identity(&bob_id).await?;
-        let device = alice
-            .client
-            .encryption()
+        let encryption = alice.client.encryption();
+        let identity = encryption.get_user_identity(&bob_id).await?;
+        let device = encryption
             .get_device(&bob_id, bob_device.as_str().into())
             .await?;
         let seen_master = identity
@@ -692,28 +695,69 @@ async fn cross_signing_scenario(cast: Cast) -> anyhow::Result<()> {
         let cross_signed = device
             .as_ref()
             .is_some_and(|d| d.is_cross_signed_by_owner());
-        if seen_master.is_some() && cross_signed {
-            assert_eq!(
-                seen_master, master,
-                "Alice sees another master key than Bob's"
-            );
-            break;
+        if seen_master == Some(master) && cross_signed {
+            return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
             // Tell a missing device_lists entry from a /keys/query without the keys.
-            let requested = alice
-                .client
-                .encryption()
-                .request_user_identity(&bob_id)
-                .await;
+            let requested = encryption.request_user_identity(&bob_id).await;
             anyhow::bail!(
-                "Alice's SDK did not see Bob's cross-signing within {WAIT:?}: master key \
-                     {seen_master:?} (Bob's is {master:?}), device {bob_device} cross-signed: \
-                     {cross_signed}; an explicit /keys/query then gives identity: {:?}",
-                requested.map(|i| i.map(|i| i.master_key().get_first_key()))
+                "{} did not see {}'s cross-signing within {WAIT:?}: master key {seen_master:?} \
+                 (the one to see is {master:?}), device {bob_device} cross-signed: \
+                 {cross_signed}; an explicit /keys/query then gives master key {:?}",
+                alice.name,
+                bob.name,
+                requested.map(|i| i.and_then(|i| i.master_key().get_first_key()))
             );
         }
     }
+}
+
+/// Test 3a: cross-signing through the SDK, seen by another user: the first
+/// bootstrap, then a reset, which replaces existing keys and so needs the
+/// password (user-interactive authentication).
+async fn cross_signing_scenario(cast: Cast) -> anyhow::Result<()> {
+    let alice = cast.alice().await?;
+    let bob = cast.bob("bob").await?;
+    let password = format!("{}-password", cast.bob);
+    // A shared encrypted room, so that Alice's SDK tracks Bob's keys.
+    converse(&alice, &bob, "Cross-signing").await?;
+
+    bootstrap_cross_signing(&bob, &cast.bob, &password).await?;
+    let master = own_master_key(&bob).await?;
+    // Alice learns of Bob's new identity from her sync (device_lists.changed).
+    wait_for_identity(&alice, &bob, master).await?;
+
+    // A reset: new keys replace the old ones, which needs the password.
+    let handle = bounded(
+        "bob: reset_cross_signing",
+        bob.client.encryption().reset_cross_signing(),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob: reset_cross_signing failed: {e:?}"))?
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "the server let Bob replace his cross-signing keys without user-interactive \
+             authentication"
+        )
+    })?;
+    let CrossSigningResetAuthType::Uiaa(uiaa_info) = handle.auth_type() else {
+        anyhow::bail!("bob: the reset asks for OAuth, not UIA");
+    };
+    let mut auth = uiaa::Password::new(
+        uiaa::UserIdentifier::Matrix(uiaa::MatrixUserIdentifier::new(cast.bob.clone())),
+        password,
+    );
+    auth.session = uiaa_info.session.clone();
+    bounded(
+        "bob: reset_cross_signing with the password",
+        handle.auth(Some(uiaa::AuthData::Password(auth))),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("bob: reset_cross_signing with the password failed: {e:?}"))?;
+    let new_master = own_master_key(&bob).await?;
+    anyhow::ensure!(new_master != master, "the reset kept Bob's master key");
+    wait_for_identity(&alice, &bob, new_master).await?;
     Ok(())
 }
 
