@@ -172,6 +172,13 @@ pub fn check_device_keys(user_id: &str, device_id: &str, keys: &Value) -> Result
             "device_keys.signatures must map users to key IDs to strings",
         ));
     }
+    // Olm needs both identity keys of the device.
+    let curve = format!("curve25519:{device_id}");
+    if !k.contains_key(&curve) {
+        return Err(Error::invalid_param(format!(
+            "device_keys.keys lacks {curve}"
+        )));
+    }
     let key_id = format!("ed25519:{device_id}");
     let public = k
         .get(&key_id)
