@@ -48,6 +48,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use anyhow::Context;
 use complement_tests::{backend_tests, federation, Backend, Synapse, TestServer};
 use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::deserialized_responses::{EncryptionInfo, TimelineEventKind};
@@ -245,7 +246,9 @@ impl Sdk {
     async fn wait_for_text(&self, room_id: &RoomId, body: &str) -> anyhow::Result<Seen> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            self.sync().await?;
+            self.sync()
+                .await
+                .with_context(|| format!("waiting to decrypt {body:?} in {room_id}"))?;
             let seen = self.seen();
             if let Some(hit) = seen.iter().find(|s| {
                 s.room_id == room_id
@@ -316,7 +319,9 @@ impl Sdk {
     async fn wait_for_join(&self, room_id: &RoomId, user: &OwnedUserId) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            self.sync().await?;
+            self.sync()
+                .await
+                .with_context(|| format!("waiting for {user} to join {room_id}"))?;
             if let Some(room) = self.client.get_room(room_id) {
                 if let Some(member) = room.get_member_no_sync(user).await? {
                     if *member.membership() == MembershipState::Join {
@@ -337,7 +342,9 @@ impl Sdk {
     async fn accept_invite(&self, room_id: &RoomId) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            self.sync().await?;
+            self.sync()
+                .await
+                .with_context(|| format!("waiting for the invite to {room_id}"))?;
             if self
                 .client
                 .invited_rooms()
