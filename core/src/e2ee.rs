@@ -696,7 +696,16 @@ impl Server {
                 if !moved && self.room_position(m.room_nid) <= since.events {
                     continue;
                 }
+                // Invites and knocks share no room yet; a room left may be one known only
+                // through an invite (no state).
+                let left_room = matches!(m.membership.as_str(), "leave" | "ban");
+                if !(m.membership == "join" || left_room && moved) {
+                    continue;
+                }
                 let room = self.room_by_nid(m.room_nid).await?;
+                if left_room && !self.has_state(&room).await? {
+                    continue;
+                }
                 let state = self.current_state(&room).await?;
                 let Some(enc) = self.state_event(&state, "m.room.encryption", "").await? else {
                     continue;

@@ -86,19 +86,6 @@ impl Store {
         Ok(())
     }
 
-    /// Queues an EDU for a destination.
-    pub async fn outbox_push_edu(&self, destination: &str, edu: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO federation_outbox (destination, edu, created_ts) VALUES ($1, $2, $3)",
-        )
-        .bind(destination)
-        .bind(edu)
-        .bind(super::now_ms())
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
     /// `(consecutive failures, retry not before)` of a destination.
     pub async fn destination_backoff(&self, destination: &str) -> Result<(i64, i64)> {
         Ok(sqlx::query(
