@@ -172,6 +172,13 @@ pub fn check_device_keys(user_id: &str, device_id: &str, keys: &Value) -> Result
             "device_keys.signatures must map users to key IDs to strings",
         ));
     }
+    // Olm needs both identity keys of the device.
+    let curve = format!("curve25519:{device_id}");
+    if !k.contains_key(&curve) {
+        return Err(Error::invalid_param(format!(
+            "device_keys.keys lacks {curve}"
+        )));
+    }
     let key_id = format!("ed25519:{device_id}");
     let public = k
         .get(&key_id)
@@ -689,7 +696,16 @@ impl Server {
                 if !moved && self.room_position(m.room_nid) <= since.events {
                     continue;
                 }
+                // Invites and knocks share no room yet; a room left may be one known only
+                // through an invite (no state).
+                let left_room = matches!(m.membership.as_str(), "leave" | "ban");
+                if !(m.membership == "join" || left_room && moved) {
+                    continue;
+                }
                 let room = self.room_by_nid(m.room_nid).await?;
+                if left_room && !self.has_state(&room).await? {
+                    continue;
+                }
                 let state = self.current_state(&room).await?;
                 let Some(enc) = self.state_event(&state, "m.room.encryption", "").await? else {
                     continue;

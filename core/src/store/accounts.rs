@@ -398,11 +398,12 @@ impl Store {
     }
 
     pub async fn delete_uia_session(&self, session: &str) -> Result<()> {
+        let mut w = self.write().await?;
         sqlx::query("DELETE FROM uia_sessions WHERE session_id = $1")
             .bind(session)
-            .execute(self.pool())
+            .execute(&mut *w.tx)
             .await?;
-        Ok(())
+        w.commit().await
     }
 }
 

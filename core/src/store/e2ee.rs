@@ -712,22 +712,6 @@ impl WriteTxn<'_> {
         .await?;
         Ok(())
     }
-
-    pub async fn remote_device_list(&mut self, user_id: &str) -> Result<Option<RemoteDeviceList>> {
-        Ok(sqlx::query(
-            "SELECT stream_id, devices, master_key, self_signing_key FROM remote_device_lists \
-             WHERE user_id = $1",
-        )
-        .bind(user_id)
-        .fetch_optional(&mut *self.tx)
-        .await?
-        .map(|r| RemoteDeviceList {
-            stream_id: r.get(0),
-            devices: r.get(1),
-            master_key: r.get(2),
-            self_signing_key: r.get(3),
-        }))
-    }
 }
 
 /// Whether two JSON texts hold the same value.

@@ -77,26 +77,14 @@ impl Store {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let mut w = self.write().await?;
         sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM federation_outbox WHERE destination = $1 AND id IN ({list})"
         )))
         .bind(destination)
-        .execute(self.pool())
+        .execute(&mut *w.tx)
         .await?;
-        Ok(())
-    }
-
-    /// Queues an EDU for a destination.
-    pub async fn outbox_push_edu(&self, destination: &str, edu: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO federation_outbox (destination, edu, created_ts) VALUES ($1, $2, $3)",
-        )
-        .bind(destination)
-        .bind(edu)
-        .bind(super::now_ms())
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        w.commit().await
     }
 
     /// `(consecutive failures, retry not before)` of a destination.
@@ -117,6 +105,7 @@ impl Store {
         failures: i64,
         retry_at: i64,
     ) -> Result<()> {
+        let mut w = self.write().await?;
         sqlx::query(
             "INSERT INTO federation_destinations (destination, failures, retry_at) \
              VALUES ($1, $2, $3) ON CONFLICT (destination) DO UPDATE SET \
@@ -125,9 +114,9 @@ impl Store {
         .bind(destination)
         .bind(failures)
         .bind(retry_at)
-        .execute(self.pool())
+        .execute(&mut *w.tx)
         .await?;
-        Ok(())
+        w.commit().await
     }
 
     /// The response given to an inbound transaction already processed.
@@ -143,6 +132,7 @@ impl Store {
     }
 
     pub async fn put_inbound_txn(&self, origin: &str, txn_id: &str, response: &str) -> Result<()> {
+        let mut w = self.write().await?;
         sqlx::query(
             "INSERT INTO federation_inbound_txns (origin, txn_id, response, received_ts) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (origin, txn_id) DO NOTHING",
@@ -151,9 +141,9 @@ impl Store {
         .bind(txn_id)
         .bind(response)
         .bind(super::now_ms())
-        .execute(self.pool())
+        .execute(&mut *w.tx)
         .await?;
-        Ok(())
+        w.commit().await
     }
 
     /// The stripped state stored with an invite from another server.
