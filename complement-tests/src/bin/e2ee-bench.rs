@@ -118,8 +118,7 @@ async fn measure(args: &Args, server: &TestServer) -> Result<Value> {
     let otks_per_device = WARMUP + args.iterations;
     let t = Instant::now();
     // Every user's registration device uploads device keys; the first `claim_devices` also
-    // enough one-time keys for every claim. All registrations come first: uploads running
-    // alongside registrations have been seen to fail on SQLite ("database is locked").
+    // enough one-time keys for every claim. All registrations come first, then the uploads.
     let users: Vec<Client> = stream::iter(0..users_needed)
         .map(|i| async move { server.register(&format!("user{i}"), PASSWORD).await })
         .buffered(args.concurrency.max(1))
