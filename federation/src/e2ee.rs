@@ -208,6 +208,33 @@ impl Federation {
             .await
     }
 
+    /// Posts `{field: users}` to `path` of every server the users belong to, all at once,
+    /// each within `timeout`. A server that fails or does not answer in time is `Err`.
+    async fn ask_servers<T: Clone + serde::Serialize>(
+        self: &Arc<Self>,
+        query: &BTreeMap<String, T>,
+        field: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Vec<(OwnedServerName, BTreeMap<String, T>, Result<Value, ()>)> {
+        let asks = by_server(query).into_iter().map(|(server, users)| async move {
+            let body = json!({ field: &users });
+            let sent = self
+                .client
+                .request(&server, http::Method::POST, path, Some(&body));
+            let res = match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => {
+                    tracing::info!(server = %server, path, error = %e, "remote keys request failed");
+                    Err(())
+                }
+                Err(_) => Err(()),
+            };
+            (server, users, res)
+        });
+        futures::future::join_all(asks).await
+    }
+
     /// Keys of other servers' users for a client's `/keys/query`: from the lists we track,
     /// else asked of their servers (all at once, each within `timeout`). Unreachable servers
     /// are listed in the returned failures.
@@ -223,26 +250,17 @@ impl Federation {
             .map(|(u, d)| (u.clone(), d.clone()))
             .collect();
         let mut failures = Map::new();
-        let asks = by_server(&ask).into_iter().map(|(server, users)| {
-            let fed = self.clone();
-            async move {
-                let body = json!({ "device_keys": users });
-                let res = tokio::time::timeout(
-                    timeout,
-                    fed.client.request(
-                        &server,
-                        http::Method::POST,
-                        "/_matrix/federation/v1/user/keys/query",
-                        Some(&body),
-                    ),
-                )
-                .await;
-                (server, users, res)
-            }
-        });
-        for (server, users, res) in futures::future::join_all(asks).await {
+        let answers = self
+            .ask_servers(
+                &ask,
+                "device_keys",
+                "/_matrix/federation/v1/user/keys/query",
+                timeout,
+            )
+            .await;
+        for (server, users, res) in answers {
             match res {
-                Ok(Ok(v)) => {
+                Ok(v) => {
                     merge_users(&mut ans.device_keys, &v, "device_keys", &server);
                     merge_users(&mut ans.master_keys, &v, "master_keys", &server);
                     merge_users(&mut ans.self_signing_keys, &v, "self_signing_keys", &server);
@@ -255,11 +273,7 @@ impl Federation {
                         }
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::info!(server = %server, error = %e, "remote keys query failed");
-                    failures.insert(server.to_string(), json!({}));
-                }
-                Err(_) => {
+                Err(()) => {
                     failures.insert(server.to_string(), json!({}));
                 }
             }
@@ -273,29 +287,20 @@ impl Federation {
         query: &ClaimQuery,
         timeout: Duration,
     ) -> (Map<String, Value>, Map<String, Value>) {
-        let asks = by_server(query).into_iter().map(|(server, users)| {
-            let fed = self.clone();
-            async move {
-                let body = json!({ "one_time_keys": users });
-                let res = tokio::time::timeout(
-                    timeout,
-                    fed.client.request(
-                        &server,
-                        http::Method::POST,
-                        "/_matrix/federation/v1/user/keys/claim",
-                        Some(&body),
-                    ),
-                )
-                .await;
-                (server, res)
-            }
-        });
+        let answers = self
+            .ask_servers(
+                query,
+                "one_time_keys",
+                "/_matrix/federation/v1/user/keys/claim",
+                timeout,
+            )
+            .await;
         let mut keys = Map::new();
         let mut failures = Map::new();
-        for (server, res) in futures::future::join_all(asks).await {
+        for (server, _, res) in answers {
             match res {
-                Ok(Ok(v)) => merge_users(&mut keys, &v, "one_time_keys", &server),
-                _ => {
+                Ok(v) => merge_users(&mut keys, &v, "one_time_keys", &server),
+                Err(()) => {
                     failures.insert(server.to_string(), json!({}));
                 }
             }

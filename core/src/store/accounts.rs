@@ -107,7 +107,15 @@ impl Store {
             .bind(user_id)
             .execute(&mut *w.tx)
             .await?;
-        for table in ["access_tokens", "refresh_tokens", "devices"] {
+        for table in [
+            "access_tokens",
+            "refresh_tokens",
+            "devices",
+            "device_keys",
+            "one_time_keys",
+            "fallback_keys",
+            "to_device_messages",
+        ] {
             sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE user_id = $1"
             )))
@@ -453,9 +461,18 @@ impl super::WriteTxn<'_> {
         )
     }
 
-    /// Deletes a device with its tokens and everything E2EE of it.
+    /// Deletes a device with its tokens and everything E2EE of it (keys, one-time and
+    /// fallback keys, waiting to-device messages, signatures on it).
     pub async fn delete_device(&mut self, user_id: &str, device_id: &str) -> Result<()> {
-        for table in ["access_tokens", "refresh_tokens", "devices"] {
+        for table in [
+            "access_tokens",
+            "refresh_tokens",
+            "devices",
+            "device_keys",
+            "one_time_keys",
+            "fallback_keys",
+            "to_device_messages",
+        ] {
             sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
             )))
@@ -464,6 +481,11 @@ impl super::WriteTxn<'_> {
             .execute(&mut *self.tx)
             .await?;
         }
-        self.delete_device_keys(user_id, device_id).await
+        sqlx::query("DELETE FROM key_signatures WHERE target_user_id = $1 AND target_key_id = $2")
+            .bind(user_id)
+            .bind(device_id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
     }
 }

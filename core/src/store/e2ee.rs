@@ -559,31 +559,6 @@ impl WriteTxn<'_> {
         Ok(prev)
     }
 
-    /// Deletes everything E2EE of a device (its keys, one-time and fallback keys, waiting
-    /// to-device messages and signatures on it).
-    pub async fn delete_device_keys(&mut self, user_id: &str, device_id: &str) -> Result<()> {
-        for table in [
-            "device_keys",
-            "one_time_keys",
-            "fallback_keys",
-            "to_device_messages",
-        ] {
-            sqlx::query(AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE user_id = $1 AND device_id = $2"
-            )))
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        sqlx::query("DELETE FROM key_signatures WHERE target_user_id = $1 AND target_key_id = $2")
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&mut *self.tx)
-            .await?;
-        Ok(())
-    }
-
     /// A user's cross-signing key of one type.
     pub async fn cross_signing_key(
         &mut self,
