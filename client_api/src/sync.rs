@@ -20,7 +20,6 @@ pub struct SyncQuery {
     full_state: Option<String>,
     filter: Option<String>,
     use_state_after: Option<String>,
-    #[allow(dead_code)]
     set_presence: Option<String>,
 }
 
@@ -71,6 +70,7 @@ pub async fn sync(
         filter,
         use_state_after: flag(&q.use_state_after),
         timeout: Duration::from_millis(timeout),
+        set_presence: q.set_presence,
     };
     Ok(Json(server.sync(&req).await?))
 }

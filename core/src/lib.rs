@@ -15,6 +15,7 @@ pub mod store;
 pub use error::{Error, ErrorKind, Result};
 pub use ruma;
 pub mod power;
+pub mod presence;
 pub mod resolution;
 pub mod server;
 pub mod spaces;

@@ -149,6 +149,8 @@ pub struct Server {
     pub key: SigningKey,
     pub state: StateCache,
     pub notifier: Notifier,
+    /// Presence of local users (which devices are syncing).
+    pub presence: Arc<crate::presence::Presence>,
     /// Events stream.
     pub events_stream: StreamTracker,
     /// Account-data stream.
@@ -157,6 +159,12 @@ pub struct Server {
     pub to_device_stream: StreamTracker,
     /// Device-list stream (changes of users' devices and cross-signing keys).
     pub device_list_stream: StreamTracker,
+    /// Receipts stream.
+    pub receipt_stream: StreamTracker,
+    /// Typing stream (in memory only: typing notices do not outlive the process).
+    pub typing_stream: StreamTracker,
+    /// Presence stream.
+    pub presence_stream: StreamTracker,
     next_event_nid: AtomicI64,
     next_state_group: AtomicI64,
     next_room_nid: AtomicI64,
@@ -232,10 +240,14 @@ impl Server {
             key,
             state: StateCache::default(),
             notifier: Notifier::default(),
+            presence: Default::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
             device_list_stream: StreamTracker::new(max_device_list),
+            receipt_stream: StreamTracker::new(0),
+            typing_stream: StreamTracker::new(0),
+            presence_stream: StreamTracker::new(0),
             next_event_nid: AtomicI64::new(max_event + 1),
             next_state_group: AtomicI64::new(max_group + 1),
             next_room_nid: AtomicI64::new(max_room + 1),

@@ -29,6 +29,8 @@ pub struct SyncRequest {
     pub filter: Filter,
     pub use_state_after: bool,
     pub timeout: Duration,
+    /// `set_presence` of the request (`online`, `unavailable`, `offline`); `None` = `online`.
+    pub set_presence: Option<String>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: i64 = 10;
@@ -61,6 +63,9 @@ impl Server {
             account_data: self.account_data_stream.current(),
             to_device: self.to_device_stream.current(),
             device_lists: self.device_list_stream.current(),
+            receipts: self.receipt_stream.current(),
+            typing: self.typing_stream.current(),
+            presence: self.presence_stream.current(),
         }
     }
 
@@ -76,12 +81,7 @@ impl Server {
             let stopping = self
                 .shutting_down
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let unchanged = req.since.is_some_and(|s| {
-                s.events >= now.events
-                    && s.account_data >= now.account_data
-                    && s.to_device >= now.to_device
-                    && s.device_lists >= now.device_lists
-            });
+            let unchanged = req.since.is_some_and(|s| s.covers(&now));
             if !unchanged || req.full_state || req.timeout.is_zero() || stopping {
                 let (body, empty) = Box::pin(self.compute_sync(req, now)).await?;
                 if !empty

@@ -1,7 +1,8 @@
 //! Sync and pagination tokens.
 //!
-//! A sync token is `s1_<events>_<account_data>_<to_device>_<device_lists>`: a version tag and
-//! one position per stream (later streams append fields; missing trailing fields read as 0). A topological pagination
+//! A sync token is `s1_<events>_<account_data>_<to_device>_<device_lists>_<receipts>_<typing>_<presence>`:
+//! a version tag and one position per stream (later streams append fields; missing trailing
+//! fields read as 0). A topological pagination
 //! token is `t<depth>_<stream>`: the boundary just after the event at (depth, stream) in
 //! (depth, stream_ordering) order.
 
@@ -14,13 +15,22 @@ pub struct SyncToken {
     pub account_data: i64,
     pub to_device: i64,
     pub device_lists: i64,
+    pub receipts: i64,
+    pub typing: i64,
+    pub presence: i64,
 }
 
 impl SyncToken {
     pub fn encode(&self) -> String {
         format!(
-            "s1_{}_{}_{}_{}",
-            self.events, self.account_data, self.to_device, self.device_lists
+            "s1_{}_{}_{}_{}_{}_{}_{}",
+            self.events,
+            self.account_data,
+            self.to_device,
+            self.device_lists,
+            self.receipts,
+            self.typing,
+            self.presence
         )
     }
 
@@ -31,19 +41,41 @@ impl SyncToken {
         let events = nums.next().ok_or_else(bad)??;
         let mut next = || nums.next().transpose().map(|n| n.unwrap_or(0));
         let (account_data, to_device, device_lists) = (next()?, next()?, next()?);
-        if nums.next().is_some()
-            || [events, account_data, to_device, device_lists]
-                .iter()
-                .any(|n| *n < 0)
-        {
-            return Err(bad());
-        }
-        Ok(SyncToken {
+        let (receipts, typing, presence) = (next()?, next()?, next()?);
+        let t = SyncToken {
             events,
             account_data,
             to_device,
             device_lists,
-        })
+            receipts,
+            typing,
+            presence,
+        };
+        if nums.next().is_some() || t.fields().iter().any(|n| *n < 0) {
+            return Err(bad());
+        }
+        Ok(t)
+    }
+
+    /// Every position, in token order.
+    pub fn fields(&self) -> [i64; 7] {
+        [
+            self.events,
+            self.account_data,
+            self.to_device,
+            self.device_lists,
+            self.receipts,
+            self.typing,
+            self.presence,
+        ]
+    }
+
+    /// Whether every stream of `self` is at or past `other`'s position.
+    pub fn covers(&self, other: &SyncToken) -> bool {
+        self.fields()
+            .iter()
+            .zip(other.fields().iter())
+            .all(|(a, b)| a >= b)
     }
 }
 
@@ -92,6 +124,9 @@ mod tests {
             account_data: 7,
             to_device: 3,
             device_lists: 9,
+            receipts: 4,
+            typing: 2,
+            presence: 11,
         };
         assert_eq!(SyncToken::parse(&t.encode()).unwrap(), t);
         assert_eq!(
@@ -109,7 +144,7 @@ mod tests {
             "s2_1_1",
             "s1_-1_0",
             "t1_2",
-            "s1_1_1_1_1_1",
+            "s1_1_1_1_1_1_1_1_1",
         ] {
             assert!(SyncToken::parse(bad).is_err(), "{bad}");
         }

@@ -357,6 +357,7 @@ async fn sync_from_memory_equals_sync_from_database(kind: &str) {
         filter: Default::default(),
         use_state_after: true,
         timeout: std::time::Duration::ZERO,
+        set_presence: None,
     };
     let ids = |body: &serde_json::Value| -> Vec<String> {
         let rooms = body["rooms"]["join"]
