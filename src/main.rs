@@ -132,6 +132,7 @@ async fn serve(config: myelin_core::config::Config) -> anyhow::Result<()> {
     let federation =
         myelin_federation::Federation::new(server.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     myelin_federation::sender::start(federation.clone());
+    myelin_client_api::push_sender::start(server.clone());
     let app = myelin_client_api::router(server.clone(), federation.clone())
         .merge(myelin_federation::key_router(server.clone()))
         .layer(tower_http::trace::TraceLayer::new_for_http());

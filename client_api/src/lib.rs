@@ -30,6 +30,8 @@ mod membership;
 mod message;
 mod profile;
 mod push;
+pub mod push_sender;
+mod pushers;
 mod room;
 mod room_keys;
 mod sync;
@@ -176,6 +178,9 @@ fn versioned() -> Router<Arc<Server>> {
             get(push::get_actions).put(push::put_actions),
         )
         .route("/pushrules", get(push::get_rules))
+        .route("/pushers", get(pushers::get_pushers))
+        .route("/pushers/set", post(pushers::set_pusher))
+        .route("/notifications", get(pushers::notifications))
         // Server-side key backups
         .route(
             "/room_keys/version",

@@ -2,9 +2,9 @@
 //! single-rule API (`/pushrules/global/{kind}/{ruleId}` with `/enabled` and `/actions`).
 //!
 //! The rule set lives in the user's global `m.push_rules` account data (`{"global": ruleset}`),
-//! which clients read through `/sync` and may not write directly; until a user changes a rule
-//! it is the spec's predefined set (ruma's `Ruleset::server_default`). A stored set is merged
-//! with the current server defaults on read, so new predefined rules reach existing users.
+//! which clients read through `/sync` and may not write directly; loading it (merged with the
+//! server defaults) is `myelin_core::push::load_ruleset`, which the rule evaluator shares. A
+//! saved change drops the evaluator's cached copy.
 
 use std::sync::Arc;
 
@@ -62,35 +62,17 @@ pub fn push_rules_content(user_id: &UserId) -> Value {
     json!({ "global": default_ruleset(user_id) })
 }
 
-/// The user's current rule set.
+/// The user's current rule set (read afresh, for a change to be made on it).
 pub async fn load_ruleset(server: &Server, user_id: &UserId) -> ApiResult<Ruleset> {
-    let defaults = Ruleset::server_default(user_id);
-    let Some(stored) = server
-        .store
-        .account_data(user_id.as_str(), "", "m.push_rules")
-        .await?
-    else {
-        return Ok(defaults);
-    };
-    let parsed = serde_json::from_str::<Value>(&stored)
-        .ok()
-        .and_then(|mut v| v.get_mut("global").map(Value::take))
-        .and_then(|g| serde_json::from_value::<Ruleset>(g).ok());
-    match parsed {
-        Some(mut rules) => {
-            rules.update_with_server_default(defaults);
-            Ok(rules)
-        }
-        None => {
-            tracing::warn!(user = %user_id, "stored push rules unreadable; using the defaults");
-            Ok(defaults)
-        }
-    }
+    Ok(myelin_core::push::load_ruleset(&server.store, user_id).await?)
 }
 
 async fn save_ruleset(server: &Server, user_id: &UserId, rules: &Ruleset) -> ApiResult<()> {
     let content = json!({ "global": ruleset_json(rules) });
-    write_account_data(server, user_id.as_str(), "", "m.push_rules", &content).await
+    let res = write_account_data(server, user_id.as_str(), "", "m.push_rules", &content).await;
+    // The evaluator's cached copy is stale now (also after a failure, to be safe).
+    server.push.forget_rules(user_id.as_str());
+    res
 }
 
 /// Loads, changes and saves the caller's rule set under the lock.

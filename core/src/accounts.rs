@@ -235,6 +235,8 @@ impl Server {
         for d in &gone {
             self.tokens.forget(user_id, Some(d));
         }
+        // Their pushers went with them.
+        self.push.forget_pushers(user_id);
         Ok(gone)
     }
 

@@ -20,6 +20,8 @@ pub struct EventFilter {
     pub contains_url: Option<bool>,
     pub lazy_load_members: bool,
     pub include_redundant_members: bool,
+    /// Unread counts per thread (`unread_thread_notifications` of a joined room).
+    pub unread_thread_notifications: bool,
 }
 
 /// The `room` part of a filter.

@@ -151,6 +151,8 @@ pub struct Server {
     pub notifier: Notifier,
     /// Presence of local users (which devices are syncing).
     pub presence: Arc<crate::presence::Presence>,
+    /// Push rules and pushers of local users (cached), and the push sender's wake-up.
+    pub push: crate::push::Push,
     /// Events stream.
     pub events_stream: StreamTracker,
     /// Account-data stream.
@@ -241,6 +243,7 @@ impl Server {
             state: StateCache::default(),
             notifier: Notifier::default(),
             presence: Default::default(),
+            push: Default::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
@@ -843,6 +846,7 @@ impl Server {
         self.members(room.nid).await?;
         let extras = Extras {
             servers: self.room_servers(room.nid).await?,
+            push: self.evaluate_push(room, &built_all, &applied, &local).await,
             ..Default::default()
         };
         let done = self.enqueue_write(room, false, built_all, applied, &mut head, extras)?;
@@ -1111,6 +1115,13 @@ impl Server {
             }
         }
         write.extra_groups = extras.extra_groups;
+        let written: Vec<(i64, i64)> = applied
+            .iter()
+            .map(|a| a.nid)
+            .zip(positions.clone())
+            .collect();
+        (write.push_actions, write.push_queue) = crate::push::writes(extras.push, &written);
+        let push_queued = !write.push_queue.is_empty();
         write.backward_add = extras.backward_add;
         write.backward_remove = extras.backward_remove;
         let member_override = extras.current.as_ref().map(|c| {
@@ -1145,6 +1156,7 @@ impl Server {
                 tip_group: head.state_group,
                 member_override,
                 outbox: write_has_outbox,
+                push_queued,
             },
             reply,
         };
@@ -1153,6 +1165,26 @@ impl Server {
             return Err(Error::internal("writer stopped"));
         }
         Ok(done)
+    }
+
+    /// Evaluates the push rules of the room's local members for built events (see
+    /// `crate::push`); `in_flight` holds the room's events not committed yet.
+    async fn evaluate_push(
+        &self,
+        room: &RoomInfo,
+        built: &[Built],
+        applied: &[Applied],
+        in_flight: &HashMap<i64, Arc<Pdu>>,
+    ) -> Vec<crate::push::PendingPush> {
+        let events: Vec<crate::push::ToEvaluate<'_>> = built
+            .iter()
+            .zip(applied)
+            .map(|(b, a)| crate::push::ToEvaluate {
+                pdu: &b.pdu,
+                state_after: &a.state_after,
+            })
+            .collect();
+        crate::push::evaluate(self, room, &events, in_flight).await
     }
 
     /// Waits for a queued write; on failure the room's head is discarded (reloaded from the
@@ -1196,6 +1228,7 @@ impl Server {
             tip_group,
             member_override,
             outbox,
+            push_queued,
         } = p;
         let mut stored = Vec::with_capacity(built.len());
         let mut member_changes = Vec::new();
@@ -1288,6 +1321,9 @@ impl Server {
         }
         self.events_stream.complete(&positions);
         self.outbox_signal.wake(outbox);
+        if push_queued {
+            self.push.queued.notify_one();
+        }
         // Everyone with a membership (joined, invited, knocking, just left) hears of it.
         match members {
             Some(m) => self.notifier.wake(m.keys().map(|s| s.as_str())),
@@ -1401,6 +1437,8 @@ struct Publish {
     member_override: Option<Vec<(String, String)>>,
     /// Destinations with new outbox rows.
     outbox: Vec<String>,
+    /// Whether notifications for push gateways were queued.
+    push_queued: bool,
 }
 
 /// What a write carries beyond its events.
@@ -1418,6 +1456,8 @@ pub(crate) struct Extras {
     backward_add: Vec<(String, i64)>,
     /// Backward extremities the events are.
     backward_remove: Vec<String>,
+    /// The push rules' outcome for these events (see `crate::push`).
+    push: Vec<crate::push::PendingPush>,
 }
 
 /// Destinations whose outbox has new rows, for the federation sender.

@@ -218,10 +218,15 @@ impl Server {
                         .await?;
                     body.insert("account_data".into(), json!({ "events": ad_here }));
                     body.insert("ephemeral".into(), json!({ "events": [] }));
-                    body.insert(
-                        "unread_notifications".into(),
-                        json!({"notification_count": 0, "highlight_count": 0}),
-                    );
+                    let per_thread = req.filter.room.timeline.unread_thread_notifications;
+                    crate::push::add_unread_counts(
+                        self,
+                        &mut body,
+                        &req.user_id,
+                        &room,
+                        per_thread,
+                    )
+                    .await?;
                     join.insert(rid, Value::Object(body));
                 }
                 "invite" => {

@@ -829,8 +829,23 @@ impl Server {
         head.state_group = current_group;
         head.chain_len = current_chain;
         self.members(room.nid).await?;
+        let mut in_flight: HashMap<i64, Arc<Pdu>> = head
+            .pending
+            .iter()
+            .map(|(n, (_, p))| (*n, p.clone()))
+            .collect();
+        in_flight.insert(nid, pdu.clone());
+        let push = self
+            .evaluate_push(
+                room,
+                std::slice::from_ref(&built),
+                std::slice::from_ref(&applied),
+                &in_flight,
+            )
+            .await;
         let extras = Extras {
             servers: self.room_servers(room.nid).await?,
+            push,
             extra_groups,
             current: Some(current),
             relay_from: relay_from.map(|s| s.to_string()),
@@ -1064,6 +1079,7 @@ impl Server {
             relay_from: None,
             backward_add,
             backward_remove: Vec::new(),
+            push: Vec::new(),
         };
         let generation = head.generation;
         let done =

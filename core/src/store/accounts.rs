@@ -486,6 +486,7 @@ impl super::WriteTxn<'_> {
             .bind(device_id)
             .execute(&mut *self.tx)
             .await?;
+        self.delete_device_pushers(user_id, device_id).await?;
         Ok(())
     }
 }

@@ -104,6 +104,10 @@ pub struct RoomWrite {
     pub backward_add: Vec<(String, i64)>,
     /// Event IDs now held that were backward extremities.
     pub backward_remove: Vec<String>,
+    /// Push actions of these events for local users (see `crate::push`).
+    pub push_actions: Vec<super::PushActionWrite>,
+    /// Notifications for push gateways caused by them.
+    pub push_queue: Vec<super::PushQueueWrite>,
 }
 
 /// A value bound into a multi-row statement.
@@ -504,6 +508,7 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
+        Store::write_push(tx, rooms).await?;
         w.commit().await
     }
 }
