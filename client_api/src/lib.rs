@@ -32,6 +32,7 @@ mod profile;
 mod push;
 pub mod push_sender;
 mod pushers;
+mod receipts;
 mod room;
 mod room_keys;
 mod sync;
@@ -121,6 +122,14 @@ fn versioned() -> Router<Arc<Server>> {
             put(message::redact),
         )
         .route("/rooms/{room_id}/aliases", get(directory::room_aliases))
+        .route(
+            "/rooms/{room_id}/receipt/{receipt_type}/{event_id}",
+            post(receipts::post_receipt),
+        )
+        .route(
+            "/rooms/{room_id}/read_markers",
+            post(receipts::read_markers),
+        )
         // Directory
         .route(
             "/directory/room/{alias}",

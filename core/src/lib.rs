@@ -17,6 +17,7 @@ pub use ruma;
 pub mod power;
 pub mod presence;
 pub mod push;
+pub mod receipts;
 pub mod resolution;
 pub mod server;
 pub mod spaces;

@@ -14,6 +14,7 @@ mod federation;
 mod history;
 mod misc;
 mod push;
+mod receipts;
 mod redactions;
 mod rooms;
 pub mod server_keys;
@@ -28,7 +29,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::{
     accounts::*, backup::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*,
-    push::*, redactions::*, rooms::*,
+    push::*, receipts::*, redactions::*, rooms::*,
 };
 use crate::{Error, Result};
 
