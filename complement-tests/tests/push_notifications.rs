@@ -209,6 +209,128 @@ async fn thread_counts(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends a read receipt of `kind` (`m.read`, `m.read.private`) for `event`, threaded or not.
+async fn receipt(
+    client: &Client,
+    room: &str,
+    kind: &str,
+    event: &str,
+    thread: Option<&str>,
+) -> anyhow::Result<()> {
+    let body = match thread {
+        Some(t) => json!({ "thread_id": t }),
+        None => json!({}),
+    };
+    ok(client
+        .post(
+            &format!("/rooms/{}/receipt/{kind}/{}", enc(room), enc(event)),
+            &body,
+        )
+        .await?);
+    Ok(())
+}
+
+/// Read receipts reset the counts: an unthreaded one everything up to its event, a threaded
+/// one only its thread (`main` for the main timeline); private receipts count too, and the
+/// next incremental sync carries the new counts.
+async fn receipts_reset_counts(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", "pw-alice").await?;
+    let bob = server.register("bob", "pw-bob").await?;
+    let carol = server.register("carol", "pw-carol").await?;
+    let room = room_with(&alice, &[&bob, &carol], json!({"preset": "public_chat"})).await?;
+    let _m1 = alice.send_message(&room, "m1").await?;
+    let m2 = alice
+        .send_event(
+            &room,
+            "m.room.message",
+            &json!({"msgtype": "m.text", "body": "m2", "m.mentions": {"user_ids": [bob.user_id]}}),
+        )
+        .await?;
+    let m3 = alice.send_message(&room, "m3").await?;
+    assert_eq!(counts(&bob, &room).await?, (3, 1));
+    let before = bob.sync(None, None, None).await?;
+    let since = before["next_batch"].as_str().unwrap_or_default().to_owned();
+    receipt(&bob, &room, "m.read", &m2, None).await?;
+    let next = bob.sync(Some(&since), Some(5000), None).await?;
+    assert_eq!(
+        counts_in(&next["rooms"]["join"][room.as_str()]["unread_notifications"]),
+        (1, 0),
+        "the receipt's sync carries the counts: {next}"
+    );
+    receipt(&bob, &room, "m.read.private", &m3, None).await?;
+    assert_eq!(counts(&bob, &room).await?, (0, 0));
+    assert_eq!(
+        counts(&carol, &room).await?,
+        (3, 0),
+        "bob's receipts are bob's"
+    );
+    // /notifications marks what was read.
+    let notifs = ok(bob.get("/notifications").await?);
+    assert!(notifs["notifications"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|n| n["read"] == true));
+    alice.send_message(&room, "m4").await?;
+    assert_eq!(counts(&bob, &room).await?, (1, 0));
+    assert_eq!(
+        ok(bob.get("/notifications").await?)["notifications"][0]["read"],
+        false
+    );
+
+    // Threads.
+    let filter = json!({"room": {"timeline": {"unread_thread_notifications": true}}}).to_string();
+    let thread_counts = |sync: &Value| {
+        let joined = &sync["rooms"]["join"][room.as_str()];
+        let threads = joined["unread_thread_notifications"].clone();
+        (counts_in(&joined["unread_notifications"]), threads)
+    };
+    let root = alice.send_message(&room, "root").await?;
+    let mut replies = Vec::new();
+    for text in ["r1", "r2"] {
+        replies.push(
+            alice
+                .send_event(
+                    &room,
+                    "m.room.message",
+                    &json!({"msgtype": "m.text", "body": text,
+                            "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+                )
+                .await?,
+        );
+    }
+    let main = alice.send_message(&room, "main").await?;
+    let (main_counts, threads) = thread_counts(&bob.sync(None, None, Some(&filter)).await?);
+    assert_eq!(main_counts, (3, 0), "m4, root, main");
+    assert_eq!(counts_in(&threads[root.as_str()]), (2, 0));
+    // A receipt in the thread clears the thread only.
+    receipt(&bob, &room, "m.read", &replies[1], Some(&root)).await?;
+    let (main_counts, threads) = thread_counts(&bob.sync(None, None, Some(&filter)).await?);
+    assert_eq!(main_counts, (3, 0));
+    assert!(
+        threads.get(root.as_str()).is_none(),
+        "thread read: {threads}"
+    );
+    // A `main` receipt clears the main timeline only.
+    alice
+        .send_event(
+            &room,
+            "m.room.message",
+            &json!({"msgtype": "m.text", "body": "r3",
+                    "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+        )
+        .await?;
+    receipt(&bob, &room, "m.read", &main, Some("main")).await?;
+    let (main_counts, threads) = thread_counts(&bob.sync(None, None, Some(&filter)).await?);
+    assert_eq!(main_counts, (0, 0));
+    assert_eq!(counts_in(&threads[root.as_str()]), (1, 0), "r3 unread");
+    // An unthreaded receipt after everything clears it all.
+    let last = alice.send_message(&room, "last").await?;
+    receipt(&bob, &room, "m.read", &last, None).await?;
+    assert_eq!(counts(&bob, &room).await?, (0, 0));
+    Ok(())
+}
+
 /// Rule changes take effect at once: a room rule without actions silences the room, the
 /// message rule disabled silences messages, the master rule silences everything.
 async fn rule_changes_take_effect(server: TestServer) -> anyhow::Result<()> {
@@ -737,6 +859,7 @@ backend_tests!(
     counts_in_one_to_one_and_group_rooms,
     mentions_highlight,
     thread_counts,
+    receipts_reset_counts,
     rule_changes_take_effect,
     notifications_paging,
     pushers_crud_and_errors,

@@ -185,7 +185,7 @@ async fn evaluate_inner(
 ) -> Result<Vec<PendingPush>> {
     let members = server.members(room.nid).await?;
     let ours = |u: &str| {
-        u.rsplit_once(':')
+        u.split_once(':')
             .is_some_and(|(_, s)| s == server.server_name.as_str())
     };
     let joined: Vec<&str> = members
@@ -491,11 +491,12 @@ pub async fn notifications(
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let room = server.room_by_nid(row.room_nid).await?;
-        if !reads.contains_key(&row.room_nid) {
-            let r = read_positions(server, user_id, &room).await?;
-            reads.insert(row.room_nid, r);
+        if let std::collections::hash_map::Entry::Vacant(e) = reads.entry(row.room_nid) {
+            e.insert(read_positions(server, user_id, &room).await?);
         }
-        let (unthreaded, threads) = &reads[&row.room_nid];
+        let Some((unthreaded, threads)) = reads.get(&row.room_nid) else {
+            continue;
+        };
         let thread_pos = threads
             .iter()
             .filter(|(t, _)| *t == row.thread_id)
@@ -722,6 +723,97 @@ fn check_gateway_url(url: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_results_become_rows_at_their_events_positions() {
+        let pending = vec![
+            PendingPush {
+                index: 1,
+                user_id: "@bob:x".into(),
+                thread_id: MAIN_THREAD.into(),
+                highlight: true,
+                counted: true,
+                actions: r#"["notify"]"#.into(),
+                pushers: vec![7, 9],
+            },
+            PendingPush {
+                index: 0,
+                user_id: "@carol:x".into(),
+                thread_id: "$root".into(),
+                highlight: false,
+                counted: false,
+                actions: r#"["notify"]"#.into(),
+                pushers: vec![],
+            },
+        ];
+        let (actions, queue) = writes(pending, &[(100, 10), (101, 11)]);
+        assert_eq!(actions.len(), 2);
+        assert_eq!(
+            (
+                actions[0].event_nid,
+                actions[0].stream_ordering,
+                actions[0].highlight
+            ),
+            (101, 11, true)
+        );
+        assert_eq!((actions[1].event_nid, actions[1].counted), (100, false));
+        assert_eq!(actions[1].thread_id, "$root");
+        let pushers: Vec<(i64, i64)> = queue.iter().map(|q| (q.pusher_id, q.event_nid)).collect();
+        assert_eq!(pushers, [(7, 101), (9, 101)], "one row per pusher");
+    }
+
+    /// The default rules as this module uses them: a message notifies in a group room and
+    /// rings in a 1:1 room; a user mention highlights; `@room` needs the power to notify.
+    #[tokio::test]
+    async fn default_rules_through_ruma() {
+        let bob = OwnedUserId::try_from("@bob:x").unwrap();
+        let rules = Ruleset::server_default(&bob);
+        let room = ruma::OwnedRoomId::try_from("!r:x").unwrap();
+        let event = |content: Value| -> Raw<Value> {
+            Raw::new(&json!({"type": "m.room.message", "sender": "@alice:x", "content": content}))
+                .unwrap()
+        };
+        let ctx = |members: u32| {
+            PushConditionRoomCtx::new(room.clone(), UInt::from(members), bob.clone(), "Bob".into())
+        };
+        let msg = event(json!({"msgtype": "m.text", "body": "hi"}));
+        let group = rules.get_actions(&msg, &ctx(3)).await;
+        assert!(group.iter().any(Action::should_notify));
+        assert!(!group.iter().any(Action::is_highlight));
+        let dm = rules.get_actions(&msg, &ctx(2)).await;
+        assert!(dm.iter().any(|a| a.sound().is_some()));
+        let mention = event(json!({"body": "x", "m.mentions": {"user_ids": ["@bob:x"]}}));
+        assert!(rules
+            .get_actions(&mention, &ctx(3))
+            .await
+            .iter()
+            .any(Action::is_highlight));
+
+        let at_room = event(json!({"body": "x", "m.mentions": {"room": true}}));
+        let levels = |alice: i64| -> PushConditionPowerLevelsCtx {
+            let content: RoomPowerLevelsEventContent =
+                serde_json::from_value(json!({"users": {"@alice:x": alice}})).unwrap();
+            let rules = ruma::room_version_rules::RoomVersionRules::V11;
+            RoomPowerLevels::new(
+                RoomPowerLevelsSource::Original(content),
+                &rules.authorization,
+                Vec::<OwnedUserId>::new(),
+            )
+            .into()
+        };
+        let strong = ctx(3).with_power_levels(levels(50));
+        assert!(rules
+            .get_actions(&at_room, &strong)
+            .await
+            .iter()
+            .any(Action::is_highlight));
+        let weak = ctx(3).with_power_levels(levels(0));
+        assert!(!rules
+            .get_actions(&at_room, &weak)
+            .await
+            .iter()
+            .any(Action::is_highlight));
+    }
 
     #[test]
     fn gateway_urls() {
