@@ -286,5 +286,6 @@ pub async fn deactivate(
     crate::membership::leave_all_rooms(&server, &uid).await?;
     server.store.set_deactivated(uid.as_str()).await?;
     server.tokens.forget(uid.as_str(), None);
+    server.push.forget_pushers(uid.as_str());
     Ok(Json(json!({ "id_server_unbind_result": "success" })).into_response())
 }

@@ -115,6 +115,8 @@ impl Store {
             "one_time_keys",
             "fallback_keys",
             "to_device_messages",
+            "push_queue",
+            "pushers",
         ] {
             sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE user_id = $1"
