@@ -32,6 +32,7 @@ mod profile;
 mod push;
 mod room;
 mod room_keys;
+mod sliding_sync;
 mod sync;
 mod uia;
 
@@ -236,6 +237,10 @@ pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation
         .route(
             "/_matrix/client/v1/rooms/{room_id}/hierarchy",
             get(hierarchy::hierarchy),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            post(sliding_sync::sync),
         )
         .fallback(unrecognized)
         .with_state(server)
