@@ -30,6 +30,7 @@ mod membership;
 mod message;
 mod profile;
 mod push;
+mod receipts;
 mod room;
 mod room_keys;
 mod sliding_sync;
@@ -120,6 +121,14 @@ fn versioned() -> Router<Arc<Server>> {
             put(message::redact),
         )
         .route("/rooms/{room_id}/aliases", get(directory::room_aliases))
+        .route(
+            "/rooms/{room_id}/receipt/{receipt_type}/{event_id}",
+            post(receipts::post_receipt),
+        )
+        .route(
+            "/rooms/{room_id}/read_markers",
+            post(receipts::read_markers),
+        )
         // Directory
         .route(
             "/directory/room/{alias}",

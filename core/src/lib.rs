@@ -16,6 +16,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use ruma;
 pub mod power;
 pub mod presence;
+pub mod receipts;
 pub mod resolution;
 pub mod server;
 pub mod spaces;

@@ -161,6 +161,8 @@ pub struct Server {
     pub device_list_stream: StreamTracker,
     /// Receipts stream.
     pub receipt_stream: StreamTracker,
+    /// Each room's latest receipts position.
+    pub receipts: crate::receipts::ReceiptIndex,
     /// Typing stream (in memory only: typing notices do not outlive the process).
     pub typing_stream: StreamTracker,
     /// Presence stream.
@@ -225,6 +227,8 @@ impl Server {
         let max_ad = store.max_account_data_stream().await?;
         let max_to_device = store.max_to_device_stream().await?;
         let max_device_list = store.max_device_list_stream().await?;
+        let max_receipt = store.max_receipt_stream().await?;
+        let receipt_rooms = store.receipt_room_positions().await?;
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
         let min_stream = store.min_stream_ordering().await?;
@@ -247,7 +251,8 @@ impl Server {
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
             device_list_stream: StreamTracker::new(max_device_list),
-            receipt_stream: StreamTracker::new(0),
+            receipt_stream: StreamTracker::new(max_receipt),
+            receipts: crate::receipts::ReceiptIndex::new(receipt_rooms),
             typing_stream: StreamTracker::new(0),
             presence_stream: StreamTracker::new(0),
             next_event_nid: AtomicI64::new(max_event + 1),

@@ -113,6 +113,33 @@ impl Server {
         }
     }
 
+    /// A joined room's ephemeral events for the sync: receipts (and typing) that moved past
+    /// `since`, or all of them when the room is reported in full.
+    async fn room_ephemeral(
+        &self,
+        req: &SyncRequest,
+        room_id: &str,
+        since: SyncToken,
+        now: SyncToken,
+        full: bool,
+    ) -> Result<Vec<Value>> {
+        let filter = &req.filter.room.ephemeral;
+        let mut events = Vec::new();
+        if !filter.allows_room(room_id) {
+            return Ok(events);
+        }
+        if filter.allows_type_sender("m.receipt", "") {
+            let since = (!full).then_some(since.receipts);
+            if let Some(ev) = self
+                .room_receipts_event(&req.user_id, room_id, since, now.receipts)
+                .await?
+            {
+                events.push(ev);
+            }
+        }
+        Ok(events)
+    }
+
     async fn compute_sync(&self, req: &SyncRequest, now: SyncToken) -> Result<(Value, bool)> {
         let since = req.since.unwrap_or_default();
         let initial = req.since.is_none();
@@ -209,7 +236,15 @@ impl Server {
             match m.membership.as_str() {
                 "join" => {
                     let newly = m.stream_ordering > since.events;
-                    if !(initial || req.full_state || changed || !ad_here.is_empty()) {
+                    let ephemeral = self
+                        .room_ephemeral(req, &rid, since, now, initial || newly || req.full_state)
+                        .await?;
+                    if !(initial
+                        || req.full_state
+                        || changed
+                        || !ad_here.is_empty()
+                        || !ephemeral.is_empty())
+                    {
                         continue;
                     }
                     let from = if newly { 0 } else { since.events };
@@ -224,7 +259,7 @@ impl Server {
                         )
                         .await?;
                     body.insert("account_data".into(), json!({ "events": ad_here }));
-                    body.insert("ephemeral".into(), json!({ "events": [] }));
+                    body.insert("ephemeral".into(), json!({ "events": ephemeral }));
                     body.insert(
                         "unread_notifications".into(),
                         json!({"notification_count": 0, "highlight_count": 0}),

@@ -117,7 +117,12 @@ impl Federation {
                 }
                 "m.device_list_update" => self.device_list_update(origin, &content).await,
                 "m.signing_key_update" => self.signing_key_update(origin, &content).await,
-                // Typing, receipts and presence arrive with their features.
+                "m.receipt" => {
+                    self.server
+                        .receive_receipts(origin.as_str(), &content)
+                        .await
+                }
+                // Typing and presence arrive with their features.
                 _ => Ok(()),
             };
             match outcome {
