@@ -4,7 +4,8 @@
 //! Lists (ranges, counts, activity order, filters), room configs (`timeline_limit`,
 //! `required_state` with `*`, `$LAZY`, `$ME`), incremental responses carrying only changes,
 //! room subscriptions, leaves, `pos` handling (`M_UNKNOWN_POS`, `/messages` from a `pos`),
-//! long-polling, the `to_device`, `e2ee` and `account_data` extensions, and bad input.
+//! long-polling, the `to_device`, `e2ee`, `account_data` and `receipts` extensions, and bad
+//! input.
 
 use std::collections::BTreeSet;
 
@@ -627,6 +628,55 @@ async fn account_data_extension(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `receipts`: a room's receipts when it is first sent, then only new ones; private receipts
+/// only to their owner.
+async fn receipts_extension(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", PW).await?;
+    let bob = server.register("bob", PW).await?;
+    let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
+    bob.join(&room).await?;
+    let first = alice.send_message(&room, "one").await?;
+    let receipt = |c: &Client, kind: &str, ev: &str| {
+        let path = format!("/rooms/{}/receipt/{kind}/{}", enc(&room), enc(ev));
+        let c = c.clone();
+        async move { c.post(&path, &json!({})).await }
+    };
+    ok(receipt(&bob, "m.read", &first).await?);
+    let mut body = list("l", json!([[0, 9]]), 1, json!([]));
+    body["extensions"] = json!({"receipts": {"enabled": true, "rooms": ["*"], "lists": ["l"]}});
+    let r = ss_ok(&alice, None, &body).await?;
+    let ev = &r["extensions"]["receipts"]["rooms"][&room];
+    assert_eq!(ev["type"], "m.receipt", "{r}");
+    assert!(
+        ev["content"][&first]["m.read"][&bob.user_id]["ts"].is_u64(),
+        "{r}"
+    );
+
+    // Nothing new: no receipts; then a new one, and a private one of Bob's that Alice never
+    // sees.
+    let r = ss_ok(&alice, Some(&pos(&r)), &body).await?;
+    assert!(
+        r["extensions"]["receipts"]["rooms"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{r}"
+    );
+    let second = alice.send_message(&room, "two").await?;
+    ok(receipt(&bob, "m.read.private", &second).await?);
+    let third = alice.send_message(&room, "three").await?;
+    ok(receipt(&bob, "m.read", &third).await?);
+    let r = ss_ok(&alice, Some(&pos(&r)), &body).await?;
+    let content = &r["extensions"]["receipts"]["rooms"][&room]["content"];
+    assert!(content[&third]["m.read"][&bob.user_id].is_object(), "{r}");
+    assert!(content[&first].is_null(), "only new receipts: {r}");
+    assert!(content[&second].is_null(), "{r}");
+
+    // Disabled: no receipts section.
+    let off = ss_ok(&alice, None, &list("l", json!([[0, 9]]), 1, json!([]))).await?;
+    assert!(off["extensions"]["receipts"].is_null(), "{off}");
+    Ok(())
+}
+
 /// Bad input gets the spec's errors.
 async fn bad_input(server: TestServer) -> anyhow::Result<()> {
     let alice = server.register("alice", PW).await?;
@@ -710,5 +760,6 @@ backend_tests!(
     to_device_extension,
     e2ee_extension,
     account_data_extension,
+    receipts_extension,
     bad_input,
 );

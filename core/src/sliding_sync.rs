@@ -1,6 +1,6 @@
 //! Simplified sliding sync (MSC4186, the wire format clients speak since 2025-09: `lists` with
 //! `ranges`, `room_subscriptions`, `required_state` tuples with `*`/`$LAZY`/`$ME`, and the
-//! `to_device`, `e2ee` and `account_data` extensions).
+//! `to_device`, `e2ee`, `account_data` and `receipts` extensions).
 //!
 //! A *connection* is `(user, device, conn_id)`. The server remembers, per connection and in
 //! memory only, what it sent: for each room the membership, the stream position up to which
@@ -734,6 +734,44 @@ impl Server {
                 "account_data".into(),
                 json!({ "global": global, "rooms": rooms }),
             );
+        }
+
+        if let Some(rc) = ext.receipts.as_ref().filter(|r| r.enabled == Some(true)) {
+            // Rooms sent for the first time now get their receipts in full, the others what
+            // moved since the previous response.
+            let room_ids: HashMap<i64, String> = cands
+                .iter()
+                .chain(extra.iter())
+                .map(|c| (c.room.nid, c.room.room_id.to_string()))
+                .collect();
+            let (mut fresh, mut known) = (HashSet::new(), HashSet::new());
+            // Receipts are for members only (not invitees, nor after a leave).
+            for (nid, sent) in &state.rooms {
+                if sent.membership != "join"
+                    || !extension_applies(rc, *nid, &room_lists, &subscribed, &room_ids)
+                {
+                    continue;
+                }
+                let Some(id) = room_ids.get(nid).cloned() else {
+                    continue;
+                };
+                if since.is_none() || first_sent.contains(nid) {
+                    fresh.insert(id);
+                } else {
+                    known.insert(id);
+                }
+            }
+            let mut rooms = self
+                .receipts_for_rooms(user, &fresh, None, now.receipts)
+                .await?;
+            if let Some(since) = since.filter(|s| s.receipts < now.receipts) {
+                rooms.extend(
+                    self.receipts_for_rooms(user, &known, Some(since.receipts), now.receipts)
+                        .await?,
+                );
+            }
+            ext_news |= !rooms.is_empty();
+            ext_out.insert("receipts".into(), json!({ "rooms": rooms }));
         }
 
         let empty =
