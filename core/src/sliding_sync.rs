@@ -1057,7 +1057,18 @@ impl Server {
         let mut state_events: Vec<Arc<StoredEvent>> = Vec::new();
         if full_state {
             if config.state.needs_all() {
-                for e in self.state_events(&end_state).await? {
+                // Skip the events whose (type, state_key) is known and not wanted (say, the
+                // members of a large room) without loading them.
+                let nids: Vec<i64> = end_state
+                    .iter()
+                    .filter(|(key, _)| {
+                        self.state
+                            .cached_pair(**key)
+                            .is_none_or(|(t, k)| config.state.wants(&t, &k, &lazy_users))
+                    })
+                    .map(|(_, nid)| *nid)
+                    .collect();
+                for e in self.events(&nids).await? {
                     let (t, k) = (e.pdu.kind.to_string(), e.pdu.state_key.clone());
                     if config
                         .state
