@@ -468,9 +468,17 @@ async fn unknown_pos(server: TestServer) -> anyhow::Result<()> {
         "M_UNKNOWN_POS",
     );
     // A new connection with the same conn_id replaces the old one.
-    ok(ss(&alice, None, None, &body).await?);
+    let fresh = pos(&ok(ss(&alice, None, None, &body).await?));
     assert_error(
         &ss(&alice, Some(&p), Some(0), &body).await?,
+        400,
+        "M_UNKNOWN_POS",
+    );
+    // Connections live in memory: after a restart every pos is unknown.
+    ok(ss(&alice, Some(&fresh), Some(0), &body).await?);
+    server.restart().await?;
+    assert_error(
+        &ss(&alice, Some(&fresh), Some(0), &body).await?,
         400,
         "M_UNKNOWN_POS",
     );
