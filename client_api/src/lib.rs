@@ -35,6 +35,7 @@ mod pushers;
 mod receipts;
 mod room;
 mod room_keys;
+mod sliding_sync;
 mod sync;
 mod uia;
 
@@ -250,6 +251,10 @@ pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation
         .route(
             "/_matrix/client/v1/rooms/{room_id}/hierarchy",
             get(hierarchy::hierarchy),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            post(sliding_sync::sync),
         )
         .fallback(unrecognized)
         .with_state(server)

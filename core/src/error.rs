@@ -43,6 +43,8 @@ pub enum ErrorKind {
     /// A key backup request for a version that is not the current one (403; the handler adds
     /// `current_version`).
     WrongRoomKeysVersion,
+    /// A sliding-sync `pos` the server does not know (any more), or of another device (400).
+    UnknownPos,
 }
 
 impl ErrorKind {
@@ -77,6 +79,7 @@ impl ErrorKind {
             RemoteUnavailable => "M_UNKNOWN",
             InvalidSignature => "M_INVALID_SIGNATURE",
             WrongRoomKeysVersion => "M_WRONG_ROOM_KEYS_VERSION",
+            UnknownPos => "M_UNKNOWN_POS",
         }
     }
 

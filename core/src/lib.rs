@@ -26,6 +26,7 @@ pub mod streams;
 
 pub use server::{Append, RoomInfo, Server, StoredEvent};
 pub mod filter;
+pub mod sliding_sync;
 pub mod sqlx_support;
 pub mod sync;
 pub mod token;

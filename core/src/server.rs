@@ -211,6 +211,8 @@ pub struct Server {
     late_targets: RwLock<HashSet<String>>,
     /// Set when the server is shutting down: long-polls answer at once.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// Sliding-sync connections (what each has sent), in memory.
+    pub sliding: crate::sliding_sync::Connections,
 }
 
 impl Server {
@@ -276,6 +278,7 @@ impl Server {
             tokens: Default::default(),
             txns: Default::default(),
             shutting_down: Default::default(),
+            sliding: Default::default(),
             servers: RwLock::default(),
             outbox_signal: OutboxSignal::default(),
             late_targets,

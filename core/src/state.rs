@@ -110,6 +110,12 @@ impl StateCache {
         Ok(nid)
     }
 
+    /// The `(event_type, state_key)` of an interned ID, when this process knows it.
+    pub fn cached_pair(&self, nid: i64) -> Option<(String, String)> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.by_nid.get(&nid).cloned()
+    }
+
     fn cached_nid(&self, event_type: &str, state_key: &str) -> Option<i64> {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         keys.by_pair

@@ -37,11 +37,18 @@ const DEFAULT_TIMELINE_LIMIT: i64 = 10;
 const MAX_TIMELINE_LIMIT: i64 = 500;
 
 /// A room's sync window read ahead of `room_sync`.
-enum Window {
+pub(crate) enum Window {
     /// Every event of the window, oldest first (from the recent-events buffer).
     All(Vec<Arc<StoredEvent>>),
     /// The first page, newest first (from the batched query).
     FirstPage(Vec<crate::store::EventRow>),
+}
+
+/// A room's timeline window, read by [`Server::timeline_slice`].
+pub(crate) struct TimelineSlice {
+    pub events: Vec<Arc<StoredEvent>>,
+    pub limited: bool,
+    pub first_before: Option<i64>,
 }
 
 /// The timeline limit a filter asks for (default 10).
@@ -354,60 +361,21 @@ impl Server {
     ) -> Result<Map<String, Value>> {
         let tf = &req.filter.room.timeline;
         let limit = timeline_limit(&req.filter);
-        // Walk the window newest first until `limit` visible events pass the filter; one more
-        // match means the timeline is limited.
-        let current = Some(membership.membership.as_str());
-        let batch = (limit + 1) * 2;
-        let mut upper = to;
-        let mut limited = false;
-        let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
-        // The state before the oldest event read in the window.
-        let mut window_first_before = None;
-        // A woken sync usually finds its whole window among the room's recent events in
-        // memory; otherwise it pages through the database.
-        let mut ahead = window.or_else(|| self.recent_events(room.nid, from, to).map(Window::All));
-        'pages: loop {
-            let (events, complete) = match ahead.take() {
-                Some(Window::All(mut events)) => {
-                    events.reverse();
-                    (events, true)
-                }
-                page => {
-                    let rows = match page {
-                        Some(Window::FirstPage(rows)) => rows,
-                        _ => {
-                            self.store
-                                .room_events_stream_desc(room.nid, from, upper, batch)
-                                .await?
-                        }
-                    };
-                    let n = rows.len() as i64;
-                    if let Some(last) = rows.last() {
-                        upper = last.stream_ordering.unwrap_or(from) - 1;
-                    }
-                    let complete = n < batch || upper <= from;
-                    (self.events_from_rows(rows).await?, complete)
-                }
-            };
-            if events.is_empty() {
-                break;
-            }
-            window_first_before = events.last().and_then(|e| e.state_before);
-            for ev in self.filter_visible(&req.user_id, current, events).await? {
-                if !tf.allows(&ev.pdu) {
-                    continue;
-                }
-                if timeline.len() as i64 == limit {
-                    limited = true;
-                    break 'pages;
-                }
-                timeline.push(ev);
-            }
-            if complete {
-                break;
-            }
-        }
-        timeline.reverse();
+        let TimelineSlice {
+            events: timeline,
+            limited,
+            first_before: window_first_before,
+        } = self
+            .timeline_slice(
+                &req.user_id,
+                Some(membership.membership.as_str()),
+                room,
+                (from, to),
+                limit,
+                window,
+                |pdu| tf.allows(pdu),
+            )
+            .await?;
 
         // State at the window's start (since) and at the timeline's start and end. When the
         // whole window was read (not limited), the state at `since` is the state before its
@@ -506,6 +474,80 @@ impl Server {
             );
         }
         Ok(body)
+    }
+
+    /// The newest visible events of a room with `from < position ≤ to` that `allows` accepts,
+    /// at most `limit`, oldest first. `limited` says more were there; `first_before` is the
+    /// state before the oldest event read. Shared by `/sync` and sliding sync.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn timeline_slice(
+        &self,
+        user: &str,
+        current: Option<&str>,
+        room: &RoomInfo,
+        (from, to): (i64, i64),
+        limit: i64,
+        window: Option<Window>,
+        allows: impl Fn(&crate::pdu::Pdu) -> bool,
+    ) -> Result<TimelineSlice> {
+        // Walk the window newest first until `limit` visible events pass the filter; one more
+        // match means the timeline is limited.
+        let batch = (limit + 1) * 2;
+        let mut upper = to;
+        let mut limited = false;
+        let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
+        // The state before the oldest event read in the window.
+        let mut window_first_before = None;
+        // A woken sync usually finds its whole window among the room's recent events in
+        // memory; otherwise it pages through the database.
+        let mut ahead = window.or_else(|| self.recent_events(room.nid, from, to).map(Window::All));
+        'pages: loop {
+            let (events, complete) = match ahead.take() {
+                Some(Window::All(mut events)) => {
+                    events.reverse();
+                    (events, true)
+                }
+                page => {
+                    let rows = match page {
+                        Some(Window::FirstPage(rows)) => rows,
+                        _ => {
+                            self.store
+                                .room_events_stream_desc(room.nid, from, upper, batch)
+                                .await?
+                        }
+                    };
+                    let n = rows.len() as i64;
+                    if let Some(last) = rows.last() {
+                        upper = last.stream_ordering.unwrap_or(from) - 1;
+                    }
+                    let complete = n < batch || upper <= from;
+                    (self.events_from_rows(rows).await?, complete)
+                }
+            };
+            if events.is_empty() {
+                break;
+            }
+            window_first_before = events.last().and_then(|e| e.state_before);
+            for ev in self.filter_visible(user, current, events).await? {
+                if !allows(&ev.pdu) {
+                    continue;
+                }
+                if timeline.len() as i64 == limit {
+                    limited = true;
+                    break 'pages;
+                }
+                timeline.push(ev);
+            }
+            if complete {
+                break;
+            }
+        }
+        timeline.reverse();
+        Ok(TimelineSlice {
+            events: timeline,
+            limited,
+            first_before: window_first_before,
+        })
     }
 
     /// `m.heroes`, `m.joined_member_count`, `m.invited_member_count`.

@@ -109,7 +109,9 @@ impl PageToken {
                 stream: st.parse().map_err(|_| bad())?,
             });
         }
-        Ok(PageToken::Stream(SyncToken::parse(s)?.events))
+        // A sliding-sync `pos` (`<sync token>.<connection>.<seq>`) counts as its sync token.
+        let sync = s.split_once('.').map_or(s, |(t, _)| t);
+        Ok(PageToken::Stream(SyncToken::parse(sync)?.events))
     }
 }
 
@@ -159,5 +161,9 @@ mod tests {
         assert_eq!(PageToken::parse(&t.encode()).unwrap(), t);
         assert_eq!(PageToken::parse("s1_12_3").unwrap(), PageToken::Stream(12));
         assert!(PageToken::parse("tx_1").is_err());
+        assert_eq!(
+            PageToken::parse("s1_12_3_0_0_0_0_0.abcd.4").unwrap(),
+            PageToken::Stream(12)
+        );
     }
 }
