@@ -685,6 +685,43 @@ async fn receipts_extension(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A joined room carries its unread counts; a receipt of the user's own that clears them
+/// sends the room again with just the new counts.
+async fn unread_counts(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", PW).await?;
+    let bob = server.register("bob", PW).await?;
+    let room = alice
+        .create_room(&json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await?;
+    bob.join(&room).await?;
+    alice.send_message(&room, "one").await?;
+    let mention = alice
+        .send_event(
+            &room,
+            "m.room.message",
+            &json!({"msgtype": "m.text", "body": "hey bob",
+                    "m.mentions": {"user_ids": [bob.user_id]}}),
+        )
+        .await?;
+    let body = list("l", json!([[0, 9]]), 1, json!([]));
+    let r = ss_ok(&bob, None, &body).await?;
+    assert_eq!(r["rooms"][&room]["notification_count"], 2, "{r}");
+    assert_eq!(r["rooms"][&room]["highlight_count"], 1, "{r}");
+
+    let path = format!("/rooms/{}/receipt/m.read/{}", enc(&room), enc(&mention));
+    ok(bob.post(&path, &json!({})).await?);
+    let r = ss_ok(&bob, Some(&pos(&r)), &body).await?;
+    let entry = &r["rooms"][&room];
+    assert_eq!(entry["notification_count"], 0, "{r}");
+    assert_eq!(entry["highlight_count"], 0, "{r}");
+    assert!(entry["timeline"].is_null(), "only the counts changed: {r}");
+
+    // Nothing changed since: the room is not sent again.
+    let r = ss_ok(&bob, Some(&pos(&r)), &body).await?;
+    assert!(r["rooms"].get(&room).is_none(), "{r}");
+    Ok(())
+}
+
 /// Bad input gets the spec's errors.
 async fn bad_input(server: TestServer) -> anyhow::Result<()> {
     let alice = server.register("alice", PW).await?;
@@ -769,5 +806,6 @@ backend_tests!(
     e2ee_extension,
     account_data_extension,
     receipts_extension,
+    unread_counts,
     bad_input,
 );

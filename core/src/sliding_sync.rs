@@ -351,6 +351,24 @@ struct SentRoom {
     config: Combined,
     /// Members sent because of `$LAZY`.
     lazy_sent: HashSet<String>,
+    /// `(notification_count, highlight_count)` last sent (joined rooms).
+    counts: Option<(i64, i64)>,
+}
+
+/// A joined room's unread counts, flattened into the room as MSC4186 has them.
+fn insert_counts(body: &mut Map<String, Value>, (notifications, highlights): (i64, i64)) {
+    body.insert("notification_count".into(), json!(notifications));
+    body.insert("highlight_count".into(), json!(highlights));
+}
+
+impl Server {
+    /// A user's unread `(notifications, highlights)` in a room, over all its threads.
+    async fn total_unread(&self, user_id: &str, room: &RoomInfo) -> Result<(i64, i64)> {
+        let counts = crate::push::unread_counts(self, user_id, room).await?;
+        Ok(counts
+            .iter()
+            .fold((0, 0), |(n, h), (_, (a, b))| (n + a, h + b)))
+    }
 }
 
 /// What a connection has sent, as of one `pos`.
@@ -575,6 +593,7 @@ impl Server {
         let user = req.user_id.as_str();
         let since = prev.map(|p| p.token);
         let mut state = prev.cloned().unwrap_or_default();
+        let previous = state.token;
         state.token = now;
 
         let direct = self.direct_rooms(user).await?;
@@ -659,7 +678,7 @@ impl Server {
             };
             let sent = state.rooms.get(&c.room.nid).cloned();
             if let Some((room_body, record)) = self
-                .sliding_room(req, c, config, sent.as_ref(), now, &direct)
+                .sliding_room(req, c, config, sent.as_ref(), (previous, now), &direct)
                 .await?
             {
                 if sent.is_none() {
@@ -953,7 +972,7 @@ impl Server {
         c: &Candidate,
         config: &Combined,
         sent: Option<&SentRoom>,
-        now: SyncToken,
+        (previous, now): (SyncToken, SyncToken),
         direct: &HashSet<String>,
     ) -> Result<Option<(Map<String, Value>, SentRoom)>> {
         let user = req.user_id.as_str();
@@ -981,6 +1000,7 @@ impl Server {
                 pos: c.m.stream_ordering,
                 config: config.clone(),
                 lazy_sent: HashSet::new(),
+                counts: None,
             };
             return Ok(Some((body, record)));
         }
@@ -1007,7 +1027,24 @@ impl Server {
         if !initial {
             let new_events = self.room_position(c.room.nid).min(to) > last;
             if !(new_events || membership_moved || expanded_tl || expanded_state) {
-                return Ok(None);
+                // Only receipts may have moved: a room whose unread counts changed with them
+                // is sent with just its new counts.
+                let Some(sent) = sent.filter(|_| ms == "join") else {
+                    return Ok(None);
+                };
+                if !self.receipts_moved(c.room.room_id.as_str(), previous.receipts) {
+                    return Ok(None);
+                }
+                let counts = self.total_unread(user, &c.room).await?;
+                if sent.counts == Some(counts) {
+                    return Ok(None);
+                }
+                insert_counts(&mut body, counts);
+                let record = SentRoom {
+                    counts: Some(counts),
+                    ..sent.clone()
+                };
+                return Ok(Some((body, record)));
             }
         }
         let from = if initial || expanded_tl { 0 } else { last };
@@ -1179,11 +1216,19 @@ impl Server {
         }
         body.insert("num_live".into(), json!(num_live));
         body.insert("bump_stamp".into(), json!(c.activity));
+        let counts = if ms == "join" {
+            let counts = self.total_unread(user, &c.room).await?;
+            insert_counts(&mut body, counts);
+            Some(counts)
+        } else {
+            None
+        };
         let record = SentRoom {
             membership: ms.to_owned(),
             pos: to,
             config: config.clone(),
             lazy_sent,
+            counts,
         };
         Ok(Some((body, record)))
     }
