@@ -27,4 +27,5 @@ pub mod filter;
 pub mod sqlx_support;
 pub mod sync;
 pub mod token;
+pub mod typing;
 pub mod visibility;

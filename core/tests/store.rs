@@ -147,7 +147,7 @@ async fn events_persist_and_survive_a_restart(kind: &str) {
     };
     // A second start on the same data: migrations are a no-op, positions continue.
     let server = Server::open(b.config()).await.unwrap();
-    assert_eq!(server.store.schema_version().await.unwrap(), 7); // highest migration
+    assert_eq!(server.store.schema_version().await.unwrap(), 10); // highest migration
     assert_eq!(server.events_stream.current(), last_pos);
     let room = server.room_or_404(&room_id).await.unwrap();
     let stored = server

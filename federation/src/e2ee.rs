@@ -117,7 +117,13 @@ impl Federation {
                 }
                 "m.device_list_update" => self.device_list_update(origin, &content).await,
                 "m.signing_key_update" => self.signing_key_update(origin, &content).await,
-                // Typing, receipts and presence arrive with their features.
+                "m.typing" => self.server.receive_typing(origin.as_str(), &content).await,
+                "m.presence" => {
+                    self.server
+                        .receive_presence(origin.as_str(), &content)
+                        .await
+                }
+                // Receipts arrive with their feature.
                 _ => Ok(()),
             };
             match outcome {

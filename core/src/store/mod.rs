@@ -13,6 +13,7 @@ mod events;
 mod federation;
 mod history;
 mod misc;
+mod presence;
 mod redactions;
 mod rooms;
 pub mod server_keys;
@@ -27,7 +28,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::{
     accounts::*, backup::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*,
-    redactions::*, rooms::*,
+    presence::*, redactions::*, rooms::*,
 };
 use crate::{Error, Result};
 
