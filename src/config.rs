@@ -35,6 +35,9 @@ pub const ENV_OPTIONS: &[(&str, &str)] = &[
         "federation_allow_private_addresses",
     ),
     ("MYELIN_TRUSTED_KEY_SERVERS", "trusted_key_servers"),
+    ("MYELIN_PRESENCE_ENABLED", "presence.enabled"),
+    ("MYELIN_PRESENCE_GRACE_MS", "presence.grace_ms"),
+    ("MYELIN_PRESENCE_IDLE_MS", "presence.idle_ms"),
 ];
 
 fn parse<T: FromStr>(option: &str, value: &str) -> Result<T, String>
@@ -103,6 +106,9 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
                     .map(str::to_owned)
                     .collect()
             }
+            "presence.enabled" => c.presence.enabled = parse(option, &value)?,
+            "presence.grace_ms" => c.presence.grace_ms = parse(option, &value)?,
+            "presence.idle_ms" => c.presence.idle_ms = parse(option, &value)?,
             _ => {}
         }
     }
@@ -154,6 +160,9 @@ fn validate(c: &Config) -> Result<(), String> {
     }
     if c.max_request_body_bytes < 1024 {
         return Err("option `max_request_body_bytes`: must be at least 1024".to_owned());
+    }
+    if c.presence.grace_ms == 0 || c.presence.idle_ms == 0 {
+        return Err("option `presence`: grace_ms and idle_ms must be positive".to_owned());
     }
     if c.tls_certificate.is_some() != c.tls_private_key.is_some() {
         return Err(
@@ -216,6 +225,12 @@ mod tests {
         assert!(load(Some(&f)).unwrap_err().contains("federation_listen"));
         std::fs::write(&f, "tls_certificate = \"/nonexistent/cert.pem\"\ntls_private_key = \"/nonexistent/key.pem\"\n").unwrap();
         assert!(load(Some(&f)).unwrap_err().contains("tls_certificate"));
+        std::fs::write(&f, "[presence]\nenabled = false\ngrace_ms = 500\n").unwrap();
+        let c = load(Some(&f)).unwrap();
+        assert!(!c.presence.enabled && c.presence.grace_ms == 500);
+        assert_eq!(c.presence.idle_ms, 300_000);
+        std::fs::write(&f, "[presence]\nidle = 5\n").unwrap();
+        assert!(load(Some(&f)).unwrap_err().contains("presence"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -28,6 +28,7 @@ mod hierarchy;
 mod keys;
 mod membership;
 mod message;
+mod presence;
 mod profile;
 mod push;
 pub mod push_sender;
@@ -37,6 +38,7 @@ mod room;
 mod room_keys;
 mod sliding_sync;
 mod sync;
+mod typing;
 mod uia;
 
 use error::err;
@@ -219,6 +221,12 @@ fn versioned() -> Router<Arc<Server>> {
             get(room_keys::get_session)
                 .put(room_keys::put_session)
                 .delete(room_keys::delete_session),
+        )
+        // Typing, presence
+        .route("/rooms/{room_id}/typing/{user_id}", put(typing::put_typing))
+        .route(
+            "/presence/{user_id}/status",
+            get(presence::get_status).put(presence::put_status),
         )
         // Sync
         .route("/sync", get(sync::sync))

@@ -100,6 +100,7 @@ pub async fn send(
     }
     let scope = format!("send/{}/{event_type}", room.room_id);
     let id = send_event(&server, &auth, &room, event, Some((&scope, &txn_id))).await?;
+    server.presence.active(auth.user_id.as_str());
     Ok(Json(json!({ "event_id": id })))
 }
 

@@ -685,6 +685,41 @@ async fn receipts_extension(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The typing extension: who types in a room when it is first sent, then only changes.
+async fn typing_extension(server: TestServer) -> anyhow::Result<()> {
+    let alice = server.register("alice", PW).await?;
+    let bob = server.register("bob", PW).await?;
+    let room = alice.create_room(&json!({"preset": "public_chat"})).await?;
+    bob.join(&room).await?;
+    let typing = |c: &Client, on: bool| {
+        let path = format!("/rooms/{}/typing/{}", enc(&room), enc(&c.user_id));
+        let c = c.clone();
+        async move { c.put(&path, &json!({"typing": on, "timeout": 20000})).await }
+    };
+    ok(typing(&bob, true).await?);
+    let mut body = list("l", json!([[0, 9]]), 1, json!([]));
+    body["extensions"] = json!({"typing": {"enabled": true, "lists": ["l"]}});
+    let r = ss_ok(&alice, None, &body).await?;
+    let ev = &r["extensions"]["typing"]["rooms"][&room];
+    assert_eq!(ev["type"], "m.typing", "{r}");
+    assert_eq!(ev["content"]["user_ids"], json!([bob.user_id]), "{r}");
+
+    // Nothing changed: no typing; Bob stops: an empty set.
+    let r = ss_ok(&alice, Some(&pos(&r)), &body).await?;
+    assert!(
+        r["extensions"]["typing"]["rooms"].get(&room).is_none(),
+        "{r}"
+    );
+    ok(typing(&bob, false).await?);
+    let r = ss_ok(&alice, Some(&pos(&r)), &body).await?;
+    assert_eq!(
+        r["extensions"]["typing"]["rooms"][&room]["content"]["user_ids"],
+        json!([]),
+        "{r}"
+    );
+    Ok(())
+}
+
 /// A joined room carries its unread counts; a receipt of the user's own that clears them
 /// sends the room again with just the new counts.
 async fn unread_counts(server: TestServer) -> anyhow::Result<()> {
@@ -807,5 +842,6 @@ backend_tests!(
     account_data_extension,
     receipts_extension,
     unread_counts,
+    typing_extension,
     bad_input,
 );

@@ -96,6 +96,31 @@ pub struct Config {
     /// Notary servers asked for another server's keys when that server cannot be reached
     /// (`POST /_matrix/key/v2/query`); their own keys are fetched from them directly.
     pub trusted_key_servers: Vec<String>,
+    /// Presence (`[presence]` table).
+    pub presence: PresenceConfig,
+}
+
+/// Presence options. The timeouts are in milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Off: `PUT /presence` succeeds without effect, `GET` answers `offline`, syncs carry no
+    /// presence and no `m.presence` EDUs are sent or used.
+    pub enabled: bool,
+    /// How long a device still counts as syncing after its last sync ended.
+    pub grace_ms: u64,
+    /// No activity for this long: `unavailable` (and no longer `currently_active`).
+    pub idle_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            enabled: true,
+            grace_ms: 30_000,
+            idle_ms: 5 * 60 * 1000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -120,6 +145,7 @@ impl Default for Config {
             federation_ca_file: None,
             federation_allow_private_addresses: false,
             trusted_key_servers: Vec::new(),
+            presence: PresenceConfig::default(),
         }
     }
 }

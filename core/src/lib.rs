@@ -30,4 +30,5 @@ pub mod sliding_sync;
 pub mod sqlx_support;
 pub mod sync;
 pub mod token;
+pub mod typing;
 pub mod visibility;

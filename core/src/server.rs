@@ -153,6 +153,8 @@ pub struct Server {
     pub presence: Arc<crate::presence::Presence>,
     /// Push rules and pushers of local users (cached), and the push sender's wake-up.
     pub push: crate::push::Push,
+    /// Who is typing in each room (in memory only).
+    pub typing: crate::typing::Typing,
     /// Events stream.
     pub events_stream: StreamTracker,
     /// Account-data stream.
@@ -231,6 +233,8 @@ impl Server {
         let max_device_list = store.max_device_list_stream().await?;
         let max_receipt = store.max_receipt_stream().await?;
         let receipt_rooms = store.receipt_room_positions().await?;
+        let max_presence = store.max_presence_stream().await?;
+        let presence = Arc::new(crate::presence::Presence::new(&config.presence));
         let room_positions = store.room_latest_positions().await?.into_iter().collect();
         let max_room = store.max_room_nid().await?;
         let min_stream = store.min_stream_ordering().await?;
@@ -248,16 +252,18 @@ impl Server {
             key,
             state: StateCache::default(),
             notifier: Notifier::default(),
-            presence: Default::default(),
+            presence,
             push: Default::default(),
+            typing: Default::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
             device_list_stream: StreamTracker::new(max_device_list),
             receipt_stream: StreamTracker::new(max_receipt),
             receipts: crate::receipts::ReceiptIndex::new(receipt_rooms),
-            typing_stream: StreamTracker::new(0),
-            presence_stream: StreamTracker::new(0),
+            // Above every position of an earlier run (see typing.rs).
+            typing_stream: StreamTracker::new(crate::store::now_ms()),
+            presence_stream: StreamTracker::new(max_presence),
             next_event_nid: AtomicI64::new(max_event + 1),
             next_state_group: AtomicI64::new(max_group + 1),
             next_room_nid: AtomicI64::new(max_room + 1),
@@ -284,6 +290,8 @@ impl Server {
             late_targets,
         });
         tokio::spawn(run_writer(Arc::downgrade(&server), jobs));
+        crate::presence::start(&server).await?;
+        crate::typing::start(&server);
         Ok(server)
     }
 

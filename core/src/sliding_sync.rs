@@ -1,6 +1,6 @@
 //! Simplified sliding sync (MSC4186, the wire format clients speak since 2025-09: `lists` with
 //! `ranges`, `room_subscriptions`, `required_state` tuples with `*`/`$LAZY`/`$ME`, and the
-//! `to_device`, `e2ee`, `account_data` and `receipts` extensions).
+//! `to_device`, `e2ee`, `account_data`, `receipts` and `typing` extensions).
 //!
 //! A *connection* is `(user, device, conn_id)`. The server remembers, per connection and in
 //! memory only, what it sent: for each room the membership, the stream position up to which
@@ -791,6 +791,51 @@ impl Server {
             }
             ext_news |= !rooms.is_empty();
             ext_out.insert("receipts".into(), json!({ "rooms": rooms }));
+        }
+
+        if let Some(tc) = ext.typing.as_ref().filter(|t| t.enabled == Some(true)) {
+            // Rooms sent for the first time now get who types there (if anyone); the others
+            // the rooms whose typing set changed since the previous response.
+            let room_ids: HashMap<i64, String> = cands
+                .iter()
+                .chain(extra.iter())
+                .map(|c| (c.room.nid, c.room.room_id.to_string()))
+                .collect();
+            let changed: HashSet<String> = match since {
+                Some(s) if s.typing < now.typing => self
+                    .typing_changed_rooms(s.typing, now.typing)
+                    .into_iter()
+                    .collect(),
+                _ => HashSet::new(),
+            };
+            let mut rooms = Map::new();
+            for (nid, sent) in &state.rooms {
+                if sent.membership != "join"
+                    || !extension_applies(tc, *nid, &room_lists, &subscribed, &room_ids)
+                {
+                    continue;
+                }
+                let Some(id) = room_ids.get(nid) else {
+                    continue;
+                };
+                let fresh = since.is_none() || first_sent.contains(nid);
+                let event = if fresh {
+                    self.typing_event(id).filter(|e| {
+                        e["content"]["user_ids"]
+                            .as_array()
+                            .is_some_and(|u| !u.is_empty())
+                    })
+                } else if changed.contains(id) {
+                    self.typing_event(id)
+                } else {
+                    None
+                };
+                if let Some(event) = event {
+                    rooms.insert(id.clone(), event);
+                }
+            }
+            ext_news |= !rooms.is_empty();
+            ext_out.insert("typing".into(), json!({ "rooms": rooms }));
         }
 
         let empty =

@@ -80,6 +80,11 @@ impl Server {
     /// boxed so that a waiting poll holds only its small wait state, not the (large) future of
     /// a sync computation.
     pub async fn sync(&self, req: &SyncRequest) -> Result<Value> {
+        crate::presence::check_set_presence(req.set_presence.as_deref())?;
+        // The device counts as syncing while this request runs (and for a grace period).
+        let _syncing =
+            self.presence
+                .syncing(&req.user_id, &req.device_id, req.set_presence.as_deref());
         let mut wake = self.notifier.subscribe(&req.user_id);
         wake.borrow_and_update();
         let deadline = tokio::time::Instant::now() + req.timeout;
@@ -236,9 +241,16 @@ impl Server {
             match m.membership.as_str() {
                 "join" => {
                     let newly = m.stream_ordering > since.events;
-                    let ephemeral = self
+                    let mut ephemeral = self
                         .room_ephemeral(req, &rid, since, now, initial || newly || req.full_state)
                         .await?;
+                    let typing_since = (!(initial || newly)).then_some(since.typing);
+                    ephemeral.extend(self.typing_for_sync(
+                        &rid,
+                        typing_since,
+                        now.typing,
+                        &req.filter.room.ephemeral,
+                    ));
                     if !(initial
                         || req.full_state
                         || changed
@@ -320,7 +332,16 @@ impl Server {
             None => Default::default(),
         };
         let (otk_counts, fallback_types) = self.key_counts(&req.user_id, &req.device_id).await?;
-        let empty = join.is_empty()
+        let presence = self
+            .presence_for_sync(
+                &req.user_id,
+                req.since.map(|s| s.presence),
+                now.presence,
+                &req.filter.presence,
+            )
+            .await?;
+        let empty = presence.is_empty()
+            && join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
             && global_ad.is_empty()
@@ -340,7 +361,7 @@ impl Server {
             "next_batch": next.encode(),
             "rooms": rooms,
             "account_data": { "events": global_ad },
-            "presence": { "events": [] },
+            "presence": { "events": presence },
             "to_device": { "events": to_device.events },
             "device_lists": { "changed": device_lists.changed, "left": device_lists.left },
             "device_one_time_keys_count": otk_counts,

@@ -122,7 +122,12 @@ impl Federation {
                         .receive_receipts(origin.as_str(), &content)
                         .await
                 }
-                // Typing and presence arrive with their features.
+                "m.typing" => self.server.receive_typing(origin.as_str(), &content).await,
+                "m.presence" => {
+                    self.server
+                        .receive_presence(origin.as_str(), &content)
+                        .await
+                }
                 _ => Ok(()),
             };
             match outcome {

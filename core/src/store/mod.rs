@@ -13,6 +13,7 @@ mod events;
 mod federation;
 mod history;
 mod misc;
+mod presence;
 mod push;
 mod receipts;
 mod redactions;
@@ -29,7 +30,7 @@ use tokio::sync::{Mutex, MutexGuard};
 
 pub use self::{
     accounts::*, backup::*, batch::*, e2ee::*, events::*, federation::*, history::*, misc::*,
-    push::*, receipts::*, redactions::*, rooms::*,
+    presence::*, push::*, receipts::*, redactions::*, rooms::*,
 };
 use crate::{Error, Result};
 
