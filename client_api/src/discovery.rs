@@ -32,7 +32,7 @@ pub const SUPPORTED_VERSIONS: &[&str] = &[
 pub async fn versions() -> Json<Value> {
     Json(json!({
         "versions": SUPPORTED_VERSIONS,
-        "unstable_features": {},
+        "unstable_features": { "dev.myelin.ws_sync": true },
     }))
 }
 
