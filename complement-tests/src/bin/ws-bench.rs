@@ -2,11 +2,11 @@
 //! through the black-box harness (a release build of this program builds and runs a release
 //! `myelin`, or runs `$MYELIN_BIN`), on SQLite unless `--postgres` is given, and measures:
 //!
-//! 1. fan-out: one message sent into a room of `--members` (100) members, every member
+//! 1. fan-out (run second): one message sent into a room of `--members` (100) members, every member
 //!    streaming over a WebSocket (acking each batch); the time from the send request until the
 //!    last member has the event, over `--sends` (100) sends; then the same with every member
 //!    long-polling `GET /sync` instead. Target: p99 ≤ 10 ms over WebSockets.
-//! 2. idle connections: `--idle` (10,000) sockets held open, of which `--idle-devices`
+//! 2. idle connections (run first, on the fresh server): `--idle` (10,000) sockets held open, of which `--idle-devices`
 //!    (1,000) run a sync stream each (one stream per device; every device is a login, so
 //!    fewer than all) and the others are authenticated with no stream. Server RSS per
 //!    connection ((RSS after) − (RSS before)) / count for each kind (target ≤ 8 KiB), and the
@@ -124,11 +124,12 @@ fn raise_fd_limit() -> u64 {
 
 async fn measure(args: &Args, server: &TestServer) -> Result<Value> {
     let mut out = json!({"backend": format!("{:?}", server.backend())});
-    if !args.no_fanout {
-        out["fanout"] = fanout(args, server).await?;
-    }
+    // Idle first, on a fresh server: memory the fan-out leaves behind would blur the baseline.
     if !args.no_idle {
         out["idle"] = idle(args, server).await?;
+    }
+    if !args.no_fanout {
+        out["fanout"] = fanout(args, server).await?;
     }
     Ok(out)
 }
