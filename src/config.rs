@@ -38,6 +38,16 @@ pub const ENV_OPTIONS: &[(&str, &str)] = &[
     ("MYELIN_PRESENCE_ENABLED", "presence.enabled"),
     ("MYELIN_PRESENCE_GRACE_MS", "presence.grace_ms"),
     ("MYELIN_PRESENCE_IDLE_MS", "presence.idle_ms"),
+    ("MYELIN_WS_SYNC_MAX_FRAME_BYTES", "ws_sync_max_frame_bytes"),
+    ("MYELIN_WS_SYNC_AUTH_TIMEOUT_MS", "ws_sync_auth_timeout_ms"),
+    (
+        "MYELIN_WS_SYNC_HEARTBEAT_INTERVAL_MS",
+        "ws_sync_heartbeat_interval_ms",
+    ),
+    (
+        "MYELIN_WS_SYNC_WRITE_TIMEOUT_MS",
+        "ws_sync_write_timeout_ms",
+    ),
 ];
 
 fn parse<T: FromStr>(option: &str, value: &str) -> Result<T, String>
@@ -109,6 +119,12 @@ pub fn load(file: Option<&Path>) -> Result<Config, String> {
             "presence.enabled" => c.presence.enabled = parse(option, &value)?,
             "presence.grace_ms" => c.presence.grace_ms = parse(option, &value)?,
             "presence.idle_ms" => c.presence.idle_ms = parse(option, &value)?,
+            "ws_sync_max_frame_bytes" => c.ws_sync_max_frame_bytes = parse(option, &value)?,
+            "ws_sync_auth_timeout_ms" => c.ws_sync_auth_timeout_ms = parse(option, &value)?,
+            "ws_sync_heartbeat_interval_ms" => {
+                c.ws_sync_heartbeat_interval_ms = parse(option, &value)?
+            }
+            "ws_sync_write_timeout_ms" => c.ws_sync_write_timeout_ms = parse(option, &value)?,
             _ => {}
         }
     }
@@ -157,6 +173,15 @@ fn validate(c: &Config) -> Result<(), String> {
     }
     if c.max_event_bytes == 0 || c.max_event_bytes > 65_536 {
         return Err("option `max_event_bytes`: must be between 1 and 65536".to_owned());
+    }
+    if c.ws_sync_max_frame_bytes < 1024 {
+        return Err("option `ws_sync_max_frame_bytes`: must be at least 1024".to_owned());
+    }
+    if c.ws_sync_heartbeat_interval_ms < 100 || c.ws_sync_write_timeout_ms < 100 {
+        return Err(
+            "option `ws_sync_heartbeat_interval_ms` / `ws_sync_write_timeout_ms`: must be at least 100"
+                .to_owned(),
+        );
     }
     if c.max_request_body_bytes < 1024 {
         return Err("option `max_request_body_bytes`: must be at least 1024".to_owned());

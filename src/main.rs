@@ -177,6 +177,8 @@ async fn serve(config: myelin_core::config::Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
     };
     tokio::try_join!(client, federation)?;
+    // Upgraded WebSocket connections outlive the HTTP server: let them send their 1001.
+    myelin_client_api::ws_sync::drain(std::time::Duration::from_secs(3)).await;
     server.store.close().await;
     tracing::info!("stopped");
     Ok(())

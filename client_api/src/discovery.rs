@@ -32,7 +32,10 @@ pub const SUPPORTED_VERSIONS: &[&str] = &[
 pub async fn versions() -> Json<Value> {
     Json(json!({
         "versions": SUPPORTED_VERSIONS,
-        "unstable_features": { "org.matrix.simplified_msc3575": true },
+        "unstable_features": {
+            "org.matrix.simplified_msc3575": true,
+            "dev.myelin.ws_sync": true,
+        },
     }))
 }
 

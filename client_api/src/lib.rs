@@ -10,7 +10,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::{header, Method, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
+    routing::{any, get, post, put},
     Router,
 };
 use myelin_core::{ErrorKind, Server};
@@ -40,6 +40,7 @@ mod sliding_sync;
 mod sync;
 mod typing;
 mod uia;
+pub mod ws_sync;
 
 use error::err;
 
@@ -239,6 +240,11 @@ fn versioned() -> Router<Arc<Server>> {
 /// poll keeps that clone for its whole wait.
 pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation>) -> Router {
     let body_limit = server.config.max_request_body_bytes;
+    let ws_hub = Arc::new(ws_sync::Hub::default());
+    let ws = ws_sync::WsState {
+        server: server.clone(),
+        hub: ws_hub.clone(),
+    };
     let v = versioned();
     let routes = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -264,6 +270,8 @@ pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             post(sliding_sync::sync),
         )
+        // `any`: an HTTP/2 extended CONNECT reaches it as well as an HTTP/1.1 GET.
+        .route(ws_sync::PATH, any(ws_sync::connect).with_state(ws))
         .fallback(unrecognized)
         .with_state(server)
         .layer(axum::Extension(federation));
@@ -287,7 +295,10 @@ pub fn router(server: Arc<Server>, federation: Arc<myelin_federation::Federation
         .layer(axum::middleware::map_response(method_not_allowed))
         .layer(DefaultBodyLimit::max(body_limit))
         .service(routes);
-    Router::new().fallback_service(layered)
+    let app = Router::new().fallback_service(layered);
+    // Tunnelled WebSocket requests run through this same router.
+    ws_hub.set_router(app.clone());
+    app
 }
 
 async fn unrecognized() -> Response {

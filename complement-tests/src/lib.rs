@@ -24,6 +24,7 @@
 //! - [`bench`]: the statistics the benchmark programs (`src/bin/`) print.
 //! - [`eventually`]: a bounded poll for effects a server may apply in the
 //!   background.
+//! - [`ws`]: a client of the WebSocket sync extension (tests and `ws-bench`).
 //! - [`federation`]: what the federation tests share: two-server scenarios
 //!   ([`pair_tests!`]), waits for what another server delivers, and
 //!   [`Peer`], which acts as a test server with its own signing key (signed
@@ -57,6 +58,7 @@ pub mod federation;
 pub mod postgres;
 pub mod server;
 pub mod synapse;
+pub mod ws;
 
 pub use client::{
     assert_error, assert_status, enc, ok, query, state_path, success, unique_txn_id, Client,

@@ -231,6 +231,14 @@ impl Server {
         devices: Option<&[String]>,
         keep: Option<&str>,
     ) -> Result<Vec<String>> {
+        // Forgotten before too: the deletion wakes the user's streams, and a WebSocket sync
+        // re-checks its token on that wake-up (it must not find it still cached).
+        match devices {
+            Some(list) => list
+                .iter()
+                .for_each(|d| self.tokens.forget(user_id, Some(d))),
+            None => self.tokens.forget(user_id, None),
+        }
         let gone = self.remove_devices(user_id, devices, keep).await?;
         for d in &gone {
             self.tokens.forget(user_id, Some(d));

@@ -98,6 +98,18 @@ pub struct Config {
     pub trusted_key_servers: Vec<String>,
     /// Presence (`[presence]` table).
     pub presence: PresenceConfig,
+    /// WebSocket sync (`dev.myelin.ws_sync`): largest client frame, in bytes (close 1009
+    /// beyond).
+    pub ws_sync_max_frame_bytes: usize,
+    /// WebSocket sync: how long an unauthenticated socket may take to send its `auth` frame,
+    /// in milliseconds (close 4408 after).
+    pub ws_sync_auth_timeout_ms: u64,
+    /// WebSocket sync: interval of the server's Ping frames, in milliseconds. A socket on
+    /// which nothing arrives for 2.5 intervals is dropped.
+    pub ws_sync_heartbeat_interval_ms: u64,
+    /// WebSocket sync: longest time one frame may take to be written before the socket is
+    /// closed as a slow consumer (1013), in milliseconds.
+    pub ws_sync_write_timeout_ms: u64,
 }
 
 /// Presence options. The timeouts are in milliseconds.
@@ -146,6 +158,10 @@ impl Default for Config {
             federation_allow_private_addresses: false,
             trusted_key_servers: Vec::new(),
             presence: PresenceConfig::default(),
+            ws_sync_max_frame_bytes: 1024 * 1024,
+            ws_sync_auth_timeout_ms: 10_000,
+            ws_sync_heartbeat_interval_ms: 30_000,
+            ws_sync_write_timeout_ms: 30_000,
         }
     }
 }

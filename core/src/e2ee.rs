@@ -1250,10 +1250,29 @@ impl Server {
         since: Option<i64>,
         now: i64,
     ) -> Result<ToDeviceBatch> {
-        let after = since.unwrap_or(0);
-        if after > 0 {
-            self.store.ack_to_device(user_id, device_id, after).await?;
+        if let Some(up_to) = since {
+            self.ack_to_device(user_id, device_id, up_to).await?;
         }
+        self.to_device_window(user_id, device_id, since, now).await
+    }
+
+    /// Acknowledges (deletes) the to-device messages of a device up to position `up_to`.
+    pub async fn ack_to_device(&self, user_id: &str, device_id: &str, up_to: i64) -> Result<()> {
+        if up_to > 0 {
+            self.store.ack_to_device(user_id, device_id, up_to).await?;
+        }
+        Ok(())
+    }
+
+    /// The to-device messages of a device after `since` and up to `now`, acknowledging none.
+    pub async fn to_device_window(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        since: Option<i64>,
+        now: i64,
+    ) -> Result<ToDeviceBatch> {
+        let after = since.unwrap_or(0);
         if after >= now {
             return Ok(ToDeviceBatch {
                 events: Vec::new(),

@@ -31,6 +31,11 @@ pub struct SyncRequest {
     pub timeout: Duration,
     /// `set_presence` of the request (`online`, `unavailable`, `offline`); `None` = `online`.
     pub set_presence: Option<String>,
+    /// To-device messages up to this position are acknowledged (deleted) before the batch is
+    /// read. `GET /sync` passes `since`'s position (the spec's rule); the WebSocket stream
+    /// passes only what the client acknowledged, since it computes batches from the last one
+    /// *sent*, which the client may not have processed.
+    pub ack_to_device: Option<i64>,
 }
 
 const DEFAULT_TIMELINE_LIMIT: i64 = 10;
@@ -80,6 +85,12 @@ impl Server {
     /// boxed so that a waiting poll holds only its small wait state, not the (large) future of
     /// a sync computation.
     pub async fn sync(&self, req: &SyncRequest) -> Result<Value> {
+        self.sync_batch(req).await.map(|(body, _)| body)
+    }
+
+    /// [`Server::sync`], also telling whether the batch is empty (nothing to report since
+    /// `since`): a stream transport sends only non-empty batches after the first.
+    pub async fn sync_batch(&self, req: &SyncRequest) -> Result<(Value, bool)> {
         crate::presence::check_set_presence(req.set_presence.as_deref())?;
         // The device counts as syncing while this request runs (and for a grace period).
         let _syncing =
@@ -102,7 +113,7 @@ impl Server {
                     || stopping
                     || tokio::time::Instant::now() >= deadline
                 {
-                    return Ok(body);
+                    return Ok((body, empty));
                 }
             }
             match tokio::time::timeout_at(deadline, wake.changed()).await {
@@ -111,8 +122,7 @@ impl Server {
                 }
                 _ => {
                     let now = self.current_token();
-                    let (body, _) = Box::pin(self.compute_sync(req, now)).await?;
-                    return Ok(body);
+                    return Box::pin(self.compute_sync(req, now)).await;
                 }
             }
         }
@@ -317,10 +327,14 @@ impl Server {
                 }
             }
         }
-        // End-to-end encryption: to-device messages (the ones up to `since` acknowledged),
-        // device-list changes, key counts.
+        // End-to-end encryption: to-device messages (the ones up to `ack_to_device`
+        // acknowledged), device-list changes, key counts.
+        if let Some(up_to) = req.ack_to_device {
+            self.ack_to_device(&req.user_id, &req.device_id, up_to)
+                .await?;
+        }
         let to_device = self
-            .to_device_batch(
+            .to_device_window(
                 &req.user_id,
                 &req.device_id,
                 req.since.map(|s| s.to_device),
