@@ -480,7 +480,60 @@ async fn shutdown_closes_1001(server: TestServer) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `alice`'s presence as `bob` reads it.
+async fn presence_of(bob: &Client, alice: &Client) -> anyhow::Result<String> {
+    let path = format!("/presence/{}/status", enc(&alice.user_id));
+    let body = success(bob.get(&path).await?, "presence")?;
+    Ok(body["presence"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Waits (bounded) until `bob` reads `alice` as `want`.
+async fn wait_presence(bob: &Client, alice: &Client, want: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let got = presence_of(bob, alice).await?;
+        if got == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "presence stayed {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A socket with a running stream keeps its user online, a `ping` with `set_presence` changes
+/// it, and once the socket is gone the user goes offline after the grace period.
+async fn presence_follows_the_socket(server: TestServer) -> anyhow::Result<()> {
+    let (alice, bob, _room) = pair(&server).await?;
+    assert_eq!(presence_of(&bob, &alice).await?, "offline");
+    let mut sock = open(&server, &alice).await?;
+    // Connected but not streaming: not syncing yet.
+    assert_eq!(presence_of(&bob, &alice).await?, "offline");
+    sock.send(&json!({"type": "sync"})).await?;
+    sock.next_batch().await?;
+    wait_presence(&bob, &alice, "online").await?;
+
+    sock.send(&json!({"type": "ping", "id": "p1", "set_presence": "unavailable"}))
+        .await?;
+    let pong = sock.next_of("pong", &["sync"]).await?;
+    assert_eq!(pong["id"], "p1", "{pong}");
+    wait_presence(&bob, &alice, "unavailable").await?;
+    sock.send(&json!({"type": "ping", "id": "p2", "set_presence": "online"}))
+        .await?;
+    sock.next_of("pong", &["sync"]).await?;
+    wait_presence(&bob, &alice, "online").await?;
+
+    drop(sock);
+    wait_presence(&bob, &alice, "offline").await?;
+    Ok(())
+}
+
+// These tests count batches exactly, so presence (whose "now online" would be a batch of its
+// own) is off; `presence_follows_the_socket` below has it on.
 backend_tests!(
+    env = [("MYELIN_PRESENCE_ENABLED", "false")];
     hello_first_and_live_batch,
     same_tokens_as_http,
     window_coalescing,
@@ -493,9 +546,15 @@ backend_tests!(
 
 backend_tests!(
     env = [
+        ("MYELIN_PRESENCE_ENABLED", "false"),
         ("MYELIN_WS_SYNC_AUTH_TIMEOUT_MS", "1000"),
         ("MYELIN_WS_SYNC_MAX_FRAME_BYTES", "4096"),
     ];
     auth_frame,
     protocol_errors,
+);
+
+backend_tests!(
+    env = [("MYELIN_PRESENCE_GRACE_MS", "1000")];
+    presence_follows_the_socket,
 );
