@@ -23,9 +23,6 @@ use serde_json::{json, Map, Value};
 
 /// A gateway's answer is awaited this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// First retry after this, doubling per failure up to [`MAX_BACKOFF_MS`].
-const MIN_BACKOFF_MS: i64 = 1_000;
-const MAX_BACKOFF_MS: i64 = 60 * 60 * 1000;
 /// A notification still undelivered after this is dropped.
 const MAX_AGE_MS: i64 = 24 * 60 * 60 * 1000;
 /// Without a wake-up, the queue is looked at this often.
@@ -156,7 +153,7 @@ async fn drain(server: &Server, client: &reqwest::Client, pusher_id: i64) {
                     server.store.push_queue_delete(row.id).await
                 } else {
                     let attempts = row.attempts + 1;
-                    let backoff = backoff_ms(attempts);
+                    let backoff = myelin_core::retry::backoff_ms(attempts);
                     tracing::info!(pusher = pusher_id, %why, attempts, backoff_ms = backoff, "push gateway failed; backing off");
                     server
                         .store
@@ -284,28 +281,4 @@ async fn notification_body(
         }
     }
     Ok(Some(json!({ "notification": n })))
-}
-
-/// Exponential back-off with ±25% jitter.
-fn backoff_ms(failures: i64) -> i64 {
-    use rand::Rng;
-    let base = MIN_BACKOFF_MS
-        .saturating_mul(1i64 << failures.clamp(1, 30).saturating_sub(1))
-        .min(MAX_BACKOFF_MS);
-    let jitter = rand::thread_rng().gen_range(-base / 4..=base / 4);
-    (base + jitter).max(MIN_BACKOFF_MS / 2)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        let first = backoff_ms(1);
-        assert!((750..=1250).contains(&first), "{first}");
-        let third = backoff_ms(3);
-        assert!((3_000..=5_000).contains(&third), "{third}");
-        assert!(backoff_ms(60) <= MAX_BACKOFF_MS + MAX_BACKOFF_MS / 4);
-    }
 }

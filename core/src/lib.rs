@@ -19,6 +19,7 @@ pub mod presence;
 pub mod push;
 pub mod receipts;
 pub mod resolution;
+pub mod retry;
 pub mod server;
 pub mod spaces;
 pub mod state;

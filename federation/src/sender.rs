@@ -17,9 +17,6 @@ use crate::Federation;
 
 const MAX_PDUS: usize = 50;
 const MAX_EDUS: usize = 100;
-/// First retry after this, doubling per failure up to [`MAX_BACKOFF_MS`].
-const MIN_BACKOFF_MS: i64 = 1_000;
-const MAX_BACKOFF_MS: i64 = 60 * 60 * 1000;
 
 /// Starts the sender: resumes every destination with queued rows, then follows new ones.
 pub fn start(fed: Arc<Federation>) {
@@ -162,7 +159,7 @@ async fn drain(fed: &Federation, dest: &str, nudge: &tokio::sync::Notify) {
             }
             Err(e) => {
                 let failures = failures + 1;
-                let backoff = backoff_ms(failures);
+                let backoff = myelin_core::retry::backoff_ms(failures);
                 tracing::info!(destination = dest, error = %e, failures, backoff_ms = backoff, "transaction failed; backing off");
                 let _ = server
                     .store
@@ -171,16 +168,6 @@ async fn drain(fed: &Federation, dest: &str, nudge: &tokio::sync::Notify) {
             }
         }
     }
-}
-
-/// Exponential back-off with ±25% jitter.
-fn backoff_ms(failures: i64) -> i64 {
-    use rand::Rng;
-    let base = MIN_BACKOFF_MS
-        .saturating_mul(1i64 << failures.clamp(0, 30).saturating_sub(1))
-        .min(MAX_BACKOFF_MS);
-    let jitter = rand::thread_rng().gen_range(-base / 4..=base / 4);
-    (base + jitter).max(MIN_BACKOFF_MS / 2)
 }
 
 async fn transaction_body(
@@ -213,20 +200,5 @@ fn log_refusals(dest: &str, resp: &Value) {
                 tracing::info!(destination = dest, event = %id, error = %err, "peer refused an event");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        let first = backoff_ms(1);
-        assert!((750..=1250).contains(&first), "{first}");
-        let fifth = backoff_ms(5);
-        assert!((12_000..=20_000).contains(&fifth), "{fifth}");
-        let many = backoff_ms(40);
-        assert!(many <= MAX_BACKOFF_MS + MAX_BACKOFF_MS / 4);
     }
 }
