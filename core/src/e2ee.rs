@@ -322,6 +322,77 @@ fn server_of(user_id: &str) -> &str {
     user_id.split_once(':').map(|(_, s)| s).unwrap_or("")
 }
 
+/// What `/sync` reports of a device's keys: one-time key counts (`signed_curve25519` always
+/// present) and the algorithms of unused fallback keys.
+pub type KeyCounts = (BTreeMap<String, i64>, Vec<String>);
+
+/// Key counts of devices, kept after they are read so that a sync (every one of a device's
+/// syncs reports them) usually asks nothing of the database. An entry is dropped after every
+/// change of the device's one-time or fallback keys (upload, claim, device deletion); the
+/// epoch keeps a read that raced such a change from filling the cache with what it read.
+#[derive(Default)]
+pub struct KeyCountCache {
+    inner: std::sync::Mutex<KeyCountInner>,
+}
+
+#[derive(Default)]
+struct KeyCountInner {
+    epoch: u64,
+    devices: HashMap<(String, String), KeyCounts>,
+}
+
+/// How far each device's to-device messages are known to be deleted (acknowledged), so that
+/// the syncs of a device with nothing new to acknowledge ask nothing of the database. Every
+/// position up to a recorded mark was committed before the client could name it, and later
+/// messages get higher positions, so a mark stays true (also for a device ID used again).
+#[derive(Default)]
+pub struct AckMarks {
+    devices: std::sync::Mutex<HashMap<(String, String), i64>>,
+}
+
+impl AckMarks {
+    fn covers(&self, user_id: &str, device_id: &str, up_to: i64) -> bool {
+        let g = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&(user_id.to_owned(), device_id.to_owned()))
+            .is_some_and(|m| *m >= up_to)
+    }
+
+    fn record(&self, user_id: &str, device_id: &str, up_to: i64) {
+        let mut g = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let m = g
+            .entry((user_id.to_owned(), device_id.to_owned()))
+            .or_insert(up_to);
+        *m = (*m).max(up_to);
+    }
+}
+
+impl KeyCountCache {
+    fn get(&self, user_id: &str, device_id: &str) -> Result<KeyCounts, u64> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.devices.get(&(user_id.to_owned(), device_id.to_owned())) {
+            Some(c) => Ok(c.clone()),
+            None => Err(g.epoch),
+        }
+    }
+
+    fn fill(&self, user_id: &str, device_id: &str, epoch: u64, counts: &KeyCounts) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.epoch == epoch {
+            g.devices
+                .insert((user_id.to_owned(), device_id.to_owned()), counts.clone());
+        }
+    }
+
+    /// Forgets devices whose keys changed (call after the change is committed, or failed).
+    pub fn forget<'a>(&self, devices: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.epoch += 1;
+        for (u, d) in devices {
+            g.devices.remove(&(u.to_owned(), d.to_owned()));
+        }
+    }
+}
+
 impl Server {
     /// Whether a user ID belongs to this server.
     pub fn is_local_user(&self, user_id: &str) -> bool {
@@ -511,6 +582,7 @@ impl Server {
             Ok((counts, changed))
         }
         .await;
+        self.key_counts.forget([(user_id, device_id)]);
         match result {
             Ok((counts, changed)) => {
                 if changed {
@@ -554,6 +626,8 @@ impl Server {
             w.commit().await
         }
         .await;
+        self.key_counts
+            .forget(doomed.iter().map(|d| (user_id, d.as_str())));
         match result {
             Ok(()) => {
                 if doomed.is_empty() {
@@ -653,7 +727,10 @@ impl Server {
             })
             .collect();
         let mut out = Map::new();
-        for (user, device, key_id, json) in self.store.claim_keys(&list).await? {
+        let claimed = self.store.claim_keys(&list).await;
+        self.key_counts
+            .forget(list.iter().map(|(u, d, _)| (u.as_str(), d.as_str())));
+        for (user, device, key_id, json) in claimed? {
             let key: Value = serde_json::from_str(&json).unwrap_or(Value::String(json));
             let u = out.entry(user).or_insert_with(|| json!({}));
             if let Some(u) = u.as_object_mut() {
@@ -765,18 +842,20 @@ impl Server {
 
     /// A device's one-time key counts (`signed_curve25519` always present) and unused
     /// fallback key algorithms, for sync.
-    pub async fn key_counts(
-        &self,
-        user_id: &str,
-        device_id: &str,
-    ) -> Result<(BTreeMap<String, i64>, Vec<String>)> {
+    pub async fn key_counts(&self, user_id: &str, device_id: &str) -> Result<KeyCounts> {
+        let epoch = match self.key_counts.get(user_id, device_id) {
+            Ok(counts) => return Ok(counts),
+            Err(epoch) => epoch,
+        };
         let mut counts = self.store.one_time_key_counts(user_id, device_id).await?;
         counts.entry("signed_curve25519".into()).or_insert(0);
         let fallback = self
             .store
             .unused_fallback_key_types(user_id, device_id)
             .await?;
-        Ok((counts, fallback))
+        let counts = (counts, fallback);
+        self.key_counts.fill(user_id, device_id, epoch, &counts);
+        Ok(counts)
     }
 
     // Cross-signing ------------------------------------------------------------------------
@@ -1258,9 +1337,11 @@ impl Server {
 
     /// Acknowledges (deletes) the to-device messages of a device up to position `up_to`.
     pub async fn ack_to_device(&self, user_id: &str, device_id: &str, up_to: i64) -> Result<()> {
-        if up_to > 0 {
-            self.store.ack_to_device(user_id, device_id, up_to).await?;
+        if up_to <= 0 || self.to_device_acked.covers(user_id, device_id, up_to) {
+            return Ok(());
         }
+        self.store.ack_to_device(user_id, device_id, up_to).await?;
+        self.to_device_acked.record(user_id, device_id, up_to);
         Ok(())
     }
 

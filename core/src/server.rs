@@ -155,6 +155,10 @@ pub struct Server {
     pub push: crate::push::Push,
     /// Who is typing in each room (in memory only).
     pub typing: crate::typing::Typing,
+    /// Devices' one-time and fallback key counts, as syncs report them.
+    pub key_counts: crate::e2ee::KeyCountCache,
+    /// How far each device's to-device messages are known to be acknowledged.
+    pub to_device_acked: crate::e2ee::AckMarks,
     /// Events stream.
     pub events_stream: StreamTracker,
     /// Account-data stream.
@@ -255,6 +259,8 @@ impl Server {
             presence,
             push: Default::default(),
             typing: Default::default(),
+            key_counts: Default::default(),
+            to_device_acked: Default::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
