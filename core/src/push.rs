@@ -393,12 +393,16 @@ pub async fn add_unread_counts(
             body.insert("unread_thread_notifications".into(), Value::Object(threads));
         }
     } else {
-        let total = counts
-            .iter()
-            .fold((0, 0), |(n, h), (_, (a, b))| (n + a, h + b));
-        body.insert("unread_notifications".into(), counts_json(total));
+        body.insert("unread_notifications".into(), counts_json(total(&counts)));
     }
     Ok(())
+}
+
+/// The sum over all threads of per-thread `(notifications, highlights)`.
+pub fn total(counts: &[(String, (i64, i64))]) -> (i64, i64) {
+    counts
+        .iter()
+        .fold((0, 0), |(n, h), (_, (a, b))| (n + a, h + b))
 }
 
 /// `(thread, (notifications, highlights))` unread by a user in a room.
@@ -407,10 +411,9 @@ pub async fn unread_counts(
     user_id: &str,
     room: &RoomInfo,
 ) -> Result<Vec<(String, (i64, i64))>> {
-    let (unthreaded, threads) = read_positions(server, user_id, room).await?;
     server
         .store
-        .unread_counts(user_id, room.nid, unthreaded, &threads)
+        .unread_counts(user_id, room.nid, room.room_id.as_str())
         .await
 }
 

@@ -365,9 +365,7 @@ impl Server {
     /// A user's unread `(notifications, highlights)` in a room, over all its threads.
     async fn total_unread(&self, user_id: &str, room: &RoomInfo) -> Result<(i64, i64)> {
         let counts = crate::push::unread_counts(self, user_id, room).await?;
-        Ok(counts
-            .iter()
-            .fold((0, 0), |(n, h), (_, (a, b))| (n + a, h + b)))
+        Ok(crate::push::total(&counts))
     }
 }
 
@@ -725,16 +723,25 @@ impl Server {
             e2ee.insert("device_unused_fallback_key_types".into(), json!(fallback));
             ext_out.insert("e2ee".into(), Value::Object(e2ee));
         }
+        // Room IDs of the rooms considered, for the room extensions (when one is on).
+        let on = |c: Option<&RoomsConfig>| c.is_some_and(|c| c.enabled == Some(true));
+        let room_ids: HashMap<i64, String> = if on(ext.account_data.as_ref())
+            || on(ext.receipts.as_ref())
+            || on(ext.typing.as_ref())
+        {
+            cands
+                .iter()
+                .chain(extra.iter())
+                .map(|c| (c.room.nid, c.room.room_id.to_string()))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         if let Some(ad) = ext
             .account_data
             .as_ref()
             .filter(|a| a.enabled == Some(true))
         {
-            let room_ids: HashMap<i64, String> = cands
-                .iter()
-                .chain(extra.iter())
-                .map(|c| (c.room.nid, c.room.room_id.to_string()))
-                .collect();
             let wanted: HashSet<String> = state
                 .rooms
                 .keys()
@@ -758,11 +765,6 @@ impl Server {
         if let Some(rc) = ext.receipts.as_ref().filter(|r| r.enabled == Some(true)) {
             // Rooms sent for the first time now get their receipts in full, the others what
             // moved since the previous response.
-            let room_ids: HashMap<i64, String> = cands
-                .iter()
-                .chain(extra.iter())
-                .map(|c| (c.room.nid, c.room.room_id.to_string()))
-                .collect();
             let (mut fresh, mut known) = (HashSet::new(), HashSet::new());
             // Receipts are for members only (not invitees, nor after a leave).
             for (nid, sent) in &state.rooms {
@@ -796,11 +798,6 @@ impl Server {
         if let Some(tc) = ext.typing.as_ref().filter(|t| t.enabled == Some(true)) {
             // Rooms sent for the first time now get who types there (if anyone); the others
             // the rooms whose typing set changed since the previous response.
-            let room_ids: HashMap<i64, String> = cands
-                .iter()
-                .chain(extra.iter())
-                .map(|c| (c.room.nid, c.room.room_id.to_string()))
-                .collect();
             let changed: HashSet<String> = match since {
                 Some(s) if s.typing < now.typing => self
                     .typing_changed_rooms(s.typing, now.typing)

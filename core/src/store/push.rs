@@ -172,53 +172,37 @@ impl Store {
         .await
     }
 
-    /// `(notifications, highlights)` of a user in a room after stream position `after`, per
-    /// thread (`main` for the main timeline), each thread counted after the later of `after`
-    /// and its own position in `thread_after`.
+    /// A user's unread `(notifications, highlights)` in a room per thread, in one query: the
+    /// counted push actions after their read position, which for each action is the later of
+    /// their unthreaded receipt and the receipt of the action's own thread (the later of
+    /// `m.read` and `m.read.private`). Threads with nothing unread are left out.
     pub async fn unread_counts(
         &self,
         user_id: &str,
         room_nid: i64,
-        after: i64,
-        thread_after: &[(String, i64)],
+        room_id: &str,
     ) -> Result<Vec<(String, Counts)>> {
         let rows = sqlx::query(
-            "SELECT thread_id, COUNT(*), CAST(COALESCE(SUM(highlight), 0) AS BIGINT) \
-             FROM event_push_actions WHERE user_id = $1 AND room_nid = $2 \
-             AND stream_ordering > $3 AND counted = 1 GROUP BY thread_id",
+            "SELECT a.thread_id, COUNT(*), CAST(COALESCE(SUM(a.highlight), 0) AS BIGINT) \
+             FROM event_push_actions a WHERE a.user_id = $1 AND a.room_nid = $2 \
+             AND a.counted = 1 \
+             AND a.stream_ordering > COALESCE((SELECT MAX(r.event_stream) FROM receipts r \
+                 WHERE r.user_id = $1 AND r.room_id = $3 AND r.thread_id = '' \
+                 AND r.receipt_type IN ('m.read', 'm.read.private')), 0) \
+             AND a.stream_ordering > COALESCE((SELECT MAX(r.event_stream) FROM receipts r \
+                 WHERE r.user_id = $1 AND r.room_id = $3 AND r.thread_id = a.thread_id \
+                 AND r.receipt_type IN ('m.read', 'm.read.private')), 0) \
+             GROUP BY a.thread_id",
         )
         .bind(user_id)
         .bind(room_nid)
-        .bind(after)
+        .bind(room_id)
         .fetch_all(self.pool())
         .await?;
-        let mut out: Vec<(String, Counts)> = rows
+        Ok(rows
             .iter()
             .map(|r| (r.get::<String, _>(0), (r.get(1), r.get(2))))
-            .collect();
-        // A thread read further than `after`: what it read is taken off its counts.
-        for (thread, pos) in thread_after.iter().filter(|(_, p)| *p > after) {
-            let Some(entry) = out.iter_mut().find(|(t, _)| t == thread) else {
-                continue;
-            };
-            let r = sqlx::query(
-                "SELECT COUNT(*), CAST(COALESCE(SUM(highlight), 0) AS BIGINT) \
-                 FROM event_push_actions WHERE user_id = $1 AND room_nid = $2 \
-                 AND thread_id = $3 AND stream_ordering > $4 AND stream_ordering <= $5 \
-                 AND counted = 1",
-            )
-            .bind(user_id)
-            .bind(room_nid)
-            .bind(thread)
-            .bind(after)
-            .bind(pos)
-            .fetch_one(self.pool())
-            .await?;
-            let (n, h): (i64, i64) = (r.get(0), r.get(1));
-            entry.1 = (entry.1 .0 - n, entry.1 .1 - h);
-        }
-        out.retain(|(_, (n, _))| *n > 0);
-        Ok(out)
+            .collect())
     }
 
     /// The rooms in which a user has push actions after... anything (for the badge count).
