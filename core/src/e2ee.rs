@@ -1382,6 +1382,9 @@ impl Server {
 
     /// A local user's devices for `/user/devices/{userId}`.
     pub async fn local_user_devices(&self, user_id: &str) -> Result<Value> {
+        // The position is read before the devices: the list is then at least as new as it
+        // says, and an update after that position applies over it harmlessly.
+        let stream_id = self.store.device_list_position(user_id).await?;
         let mut q = BTreeMap::new();
         q.insert(user_id.to_owned(), Vec::new());
         let ans = self.query_local_keys(None, &q).await?;
@@ -1408,7 +1411,7 @@ impl Server {
         }
         let mut out = json!({
             "user_id": user_id,
-            "stream_id": self.store.device_list_position(user_id).await?,
+            "stream_id": stream_id,
             "devices": devices,
         });
         if let Some(m) = ans.master_keys.get(user_id) {
@@ -1444,45 +1447,55 @@ impl Server {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_i64).collect())
             .unwrap_or_default();
-        let Some(held) = self.store.remote_device_list(user_id).await? else {
-            return Ok(false);
-        };
-        if stream_id <= held.stream_id {
-            return Ok(true);
-        }
-        // It follows on from what we hold only if it names our position as its previous one
-        // (or both begin the list).
-        let follows = if prev.is_empty() {
-            held.stream_id == 0
-        } else {
-            prev.contains(&held.stream_id) && prev.iter().all(|p| *p <= held.stream_id)
-        };
-        if !follows {
-            return Ok(false);
-        }
-        let mut devices: Vec<Value> = serde_json::from_str(&held.devices).unwrap_or_default();
-        devices.retain(|d| d.get("device_id").and_then(Value::as_str) != Some(device_id));
-        if !content
+        let deleted = content
             .get("deleted")
             .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
-            let mut dev = json!({
-                "device_id": device_id,
-                "keys": content.get("keys").cloned().unwrap_or(json!({})),
-            });
-            if let Some(n) = content.get("device_display_name").and_then(Value::as_str) {
-                dev["device_display_name"] = json!(n);
+            .unwrap_or(false);
+        // Read, change, and keep only over what was read: a resync or another update that
+        // lands in between makes us read again.
+        for _ in 0..3 {
+            let Some(held) = self.store.remote_device_list(user_id).await? else {
+                return Ok(false);
+            };
+            if stream_id <= held.stream_id {
+                return Ok(true);
             }
-            devices.push(dev);
+            // It follows on from what we hold only if it names our position as its previous
+            // one (or both begin the list).
+            let follows = if prev.is_empty() {
+                held.stream_id == 0
+            } else {
+                prev.contains(&held.stream_id) && prev.iter().all(|p| *p <= held.stream_id)
+            };
+            if !follows {
+                return Ok(false);
+            }
+            let mut devices: Vec<Value> = serde_json::from_str(&held.devices).unwrap_or_default();
+            devices.retain(|d| d.get("device_id").and_then(Value::as_str) != Some(device_id));
+            if !deleted {
+                let mut dev = json!({
+                    "device_id": device_id,
+                    "keys": content.get("keys").cloned().unwrap_or(json!({})),
+                });
+                if let Some(n) = content.get("device_display_name").and_then(Value::as_str) {
+                    dev["device_display_name"] = json!(n);
+                }
+                devices.push(dev);
+            }
+            let expected = held.stream_id;
+            let list = RemoteDeviceList {
+                stream_id,
+                devices: Value::Array(devices).to_string(),
+                ..held
+            };
+            if self
+                .store_remote_device_list(user_id, &list, Some(expected))
+                .await?
+            {
+                return Ok(true);
+            }
         }
-        let list = RemoteDeviceList {
-            stream_id,
-            devices: Value::Array(devices).to_string(),
-            ..held
-        };
-        self.store_remote_device_list(user_id, &list).await?;
-        Ok(true)
+        Ok(false)
     }
 
     /// Applies an `m.signing_key_update`; false when we hold nothing of the user (resync).
@@ -1490,20 +1503,29 @@ impl Server {
         let Some(user_id) = content.get("user_id").and_then(Value::as_str) else {
             return Err(bad("m.signing_key_update lacks user_id"));
         };
-        let Some(mut held) = self.store.remote_device_list(user_id).await? else {
-            return Ok(false);
-        };
-        if let Some(m) = content.get("master_key").filter(|v| v.is_object()) {
-            held.master_key = Some(m.to_string());
+        for _ in 0..3 {
+            let Some(mut held) = self.store.remote_device_list(user_id).await? else {
+                return Ok(false);
+            };
+            if let Some(m) = content.get("master_key").filter(|v| v.is_object()) {
+                held.master_key = Some(m.to_string());
+            }
+            if let Some(s) = content.get("self_signing_key").filter(|v| v.is_object()) {
+                held.self_signing_key = Some(s.to_string());
+            }
+            let expected = held.stream_id;
+            if self
+                .store_remote_device_list(user_id, &held, Some(expected))
+                .await?
+            {
+                return Ok(true);
+            }
         }
-        if let Some(s) = content.get("self_signing_key").filter(|v| v.is_object()) {
-            held.self_signing_key = Some(s.to_string());
-        }
-        self.store_remote_device_list(user_id, &held).await?;
-        Ok(true)
+        Ok(false)
     }
 
-    /// Stores a remote user's device list as their server gave it (`/user/devices` answer).
+    /// Keeps a remote user's device list as their server gave it (`/user/devices` answer),
+    /// unless what we hold is newer already.
     pub async fn store_remote_user_devices(&self, user_id: &str, answer: &Value) -> Result<()> {
         let devices = answer
             .get("devices")
@@ -1521,23 +1543,36 @@ impl Server {
                 .filter(|v| v.is_object())
                 .map(Value::to_string),
         };
-        self.store_remote_device_list(user_id, &list).await
+        self.store_remote_device_list(user_id, &list, None).await?;
+        Ok(())
     }
 
-    async fn store_remote_device_list(&self, user_id: &str, list: &RemoteDeviceList) -> Result<()> {
+    /// Keeps a remote user's list (see [`crate::store::WriteTxn::put_remote_device_list`]
+    /// for `expected`) and, when kept, tells the local users who share a room with them.
+    async fn store_remote_device_list(
+        &self,
+        user_id: &str,
+        list: &RemoteDeviceList,
+        expected: Option<i64>,
+    ) -> Result<bool> {
         let wake = self.local_sharers(user_id).await?;
         let positions = self.device_list_stream.allocate(1);
         let result = async {
             let mut w = self.store.write().await?;
-            w.put_remote_device_list(user_id, list).await?;
-            w.device_list_changed(user_id, None, positions[0]).await?;
-            w.commit().await
+            let kept = w.put_remote_device_list(user_id, list, expected).await?;
+            if kept {
+                w.device_list_changed(user_id, None, positions[0]).await?;
+            }
+            w.commit().await?;
+            Ok::<_, Error>(kept)
         }
         .await;
         self.device_list_stream.complete(&positions);
-        result?;
-        self.wake_users(&wake);
-        Ok(())
+        let kept = result?;
+        if kept {
+            self.wake_users(&wake);
+        }
+        Ok(kept)
     }
 
     /// The keys of remote users we track, for `/keys/query` (`None` for users we do not
@@ -1564,7 +1599,11 @@ impl Server {
                 if !wanted.is_empty() && !wanted.iter().any(|w| w == id) {
                     continue;
                 }
-                let mut keys = d.get("keys").cloned().unwrap_or(json!({}));
+                // A device that has uploaded no keys yet has none to give.
+                let mut keys = match d.get("keys") {
+                    Some(Value::Object(k)) if !k.is_empty() => Value::Object(k.clone()),
+                    _ => continue,
+                };
                 if let (Some(n), Some(o)) = (
                     d.get("device_display_name").and_then(Value::as_str),
                     keys.as_object_mut(),

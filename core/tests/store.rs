@@ -522,6 +522,83 @@ async fn historical_events_stay_out_of_sync(kind: &str) {
     b.finish().await;
 }
 
+/// Another server's user's device list only moves forward: a whole list fetched before an
+/// update that followed it, arriving after that update, is not kept; an update is kept only
+/// over the list it was applied to.
+async fn remote_device_lists_move_forward(kind: &str) {
+    let b = Backend::new(kind).await;
+    let server = Server::open(b.config()).await.unwrap();
+    let bob = "@bob:remote.test";
+    let devices = |ids: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    let held = |server: Arc<Server>| async move {
+        let list = server.store.remote_device_list(bob).await.unwrap().unwrap();
+        let ds: Vec<serde_json::Value> = serde_json::from_str(&list.devices).unwrap();
+        let mut ids: Vec<String> = ds
+            .iter()
+            .map(|d| d["device_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        (list.stream_id, ids)
+    };
+    let whole = |stream: i64, ids: &[&str]| {
+        json!({
+            "user_id": bob,
+            "stream_id": stream,
+            "devices": ids.iter().map(|d| json!({"device_id": d, "keys": {}})).collect::<Vec<_>>(),
+        })
+    };
+    server
+        .store_remote_user_devices(bob, &whole(5, &["ONE"]))
+        .await
+        .unwrap();
+    let update =
+        json!({"user_id": bob, "device_id": "TWO", "stream_id": 6, "prev_id": [5], "keys": {}});
+    assert!(server.apply_device_list_update(&update).await.unwrap());
+    assert_eq!(held(server.clone()).await, (6, devices(&["ONE", "TWO"])));
+    // The earlier whole list lands late: what is held stays.
+    server
+        .store_remote_user_devices(bob, &whole(5, &["ONE"]))
+        .await
+        .unwrap();
+    assert_eq!(held(server.clone()).await, (6, devices(&["ONE", "TWO"])));
+    // An update that does not follow on asks for a resync and changes nothing.
+    let gap =
+        json!({"user_id": bob, "device_id": "THREE", "stream_id": 9, "prev_id": [8], "keys": {}});
+    assert!(!server.apply_device_list_update(&gap).await.unwrap());
+    assert_eq!(held(server.clone()).await, (6, devices(&["ONE", "TWO"])));
+    // A newer whole list is kept; replaying an old update is a no-op.
+    server
+        .store_remote_user_devices(bob, &whole(9, &["ONE", "THREE"]))
+        .await
+        .unwrap();
+    assert!(server.apply_device_list_update(&update).await.unwrap());
+    assert_eq!(held(server.clone()).await, (9, devices(&["ONE", "THREE"])));
+    // Kept only over the position it was read at.
+    let list = server.store.remote_device_list(bob).await.unwrap().unwrap();
+    let mut w = server.store.write().await.unwrap();
+    let stale = myelin_core::store::RemoteDeviceList {
+        stream_id: 10,
+        devices: "[]".to_owned(),
+        ..list
+    };
+    assert!(!w
+        .put_remote_device_list(bob, &stale, Some(8))
+        .await
+        .unwrap());
+    assert!(w
+        .put_remote_device_list(bob, &stale, Some(9))
+        .await
+        .unwrap());
+    w.commit().await.unwrap();
+    assert_eq!(held(server.clone()).await, (10, devices(&[])));
+    server.store.close().await;
+    b.finish().await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod sqlite {
@@ -541,5 +618,6 @@ both_backends!(
     a_failed_commit_discards_the_head,
     concurrent_sends_stay_linear,
     sync_from_memory_equals_sync_from_database,
-    historical_events_stay_out_of_sync
+    historical_events_stay_out_of_sync,
+    remote_device_lists_move_forward
 );

@@ -31,6 +31,9 @@ pub type DeviceQuery = BTreeMap<String, Vec<String>>;
 /// `user → device → algorithm`.
 pub type ClaimQuery = BTreeMap<String, BTreeMap<String, String>>;
 
+/// Device-list resyncs in flight: user → whether another was asked for meanwhile.
+pub(crate) type Resyncs = std::sync::Mutex<std::collections::HashMap<OwnedUserId, bool>>;
+
 /// Parses `device_keys` of a keys query (`user → [device IDs]`).
 pub fn parse_device_query(v: Option<&Value>) -> Result<DeviceQuery> {
     let o = v
@@ -189,12 +192,32 @@ impl Federation {
         Ok(())
     }
 
-    /// Resyncs a user's device list in the background.
+    /// Resyncs a user's device list in the background: one fetch per user at a time, and
+    /// one more after it when asked again meanwhile (the answer in flight may predate the
+    /// change that asked).
     fn spawn_resync(self: &Arc<Self>, user: OwnedUserId) {
+        {
+            let mut running = self.resyncs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = running.get_mut(&user) {
+                *again = true;
+                return;
+            }
+            running.insert(user.clone(), false);
+        }
         let fed = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = fed.resync_devices(&user).await {
-                tracing::info!(user = %user, error = %e, "device list resync failed");
+            loop {
+                if let Err(e) = fed.resync_devices(&user).await {
+                    tracing::info!(user = %user, error = %e, "device list resync failed");
+                }
+                let mut running = fed.resyncs.lock().unwrap_or_else(|e| e.into_inner());
+                match running.get_mut(&user) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        running.remove(&user);
+                        break;
+                    }
+                }
             }
         });
     }

@@ -48,6 +48,9 @@ pub struct Federation {
     backfill_locks: std::sync::Mutex<std::collections::HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
     /// Other servers' `/hierarchy` answers, reused for a minute.
     pub hierarchy: rooms::HierarchyCache,
+    /// Device-list resyncs in flight, by user, and whether another was asked for meanwhile
+    /// (see [`e2ee`]).
+    resyncs: e2ee::Resyncs,
 }
 
 impl Federation {
@@ -60,6 +63,7 @@ impl Federation {
             keys,
             backfill_locks: Default::default(),
             hierarchy: rooms::HierarchyCache::default(),
+            resyncs: Default::default(),
         }))
     }
 }

@@ -665,27 +665,41 @@ impl WriteTxn<'_> {
     }
 
     /// Replaces what we hold of a remote user's device list.
+    /// Keeps a remote user's device list, unless what is held has moved on: with `expected`,
+    /// only over the list at that stream position (an update applied to what was read);
+    /// without, only over a list no newer than this one (a whole list fetched from the
+    /// user's server, which may arrive after an update that followed it). Answers whether
+    /// it was kept.
     pub async fn put_remote_device_list(
         &mut self,
         user_id: &str,
         list: &RemoteDeviceList,
-    ) -> Result<()> {
-        sqlx::query(
+        expected: Option<i64>,
+    ) -> Result<bool> {
+        let guard = if expected.is_some() {
+            "remote_device_lists.stream_id = $7"
+        } else {
+            "remote_device_lists.stream_id <= excluded.stream_id"
+        };
+        let sql = format!(
             "INSERT INTO remote_device_lists (user_id, stream_id, devices, master_key, \
              self_signing_key, updated_ts) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (user_id) DO UPDATE SET stream_id = excluded.stream_id, \
              devices = excluded.devices, master_key = excluded.master_key, \
-             self_signing_key = excluded.self_signing_key, updated_ts = excluded.updated_ts",
-        )
-        .bind(user_id)
-        .bind(list.stream_id)
-        .bind(&list.devices)
-        .bind(&list.master_key)
-        .bind(&list.self_signing_key)
-        .bind(now_ms())
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+             self_signing_key = excluded.self_signing_key, updated_ts = excluded.updated_ts \
+             WHERE {guard}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(list.stream_id)
+            .bind(&list.devices)
+            .bind(&list.master_key)
+            .bind(&list.self_signing_key)
+            .bind(now_ms());
+        if let Some(e) = expected {
+            q = q.bind(e);
+        }
+        Ok(q.execute(&mut *self.tx).await?.rows_affected() > 0)
     }
 }
 
