@@ -32,4 +32,5 @@ pub mod sqlx_support;
 pub mod sync;
 pub mod token;
 pub mod typing;
+pub mod unread;
 pub mod visibility;

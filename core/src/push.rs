@@ -405,16 +405,28 @@ pub fn total(counts: &[(String, (i64, i64))]) -> (i64, i64) {
         .fold((0, 0), |(n, h), (_, (a, b))| (n + a, h + b))
 }
 
-/// `(thread, (notifications, highlights))` unread by a user in a room.
+/// `(thread, (notifications, highlights))` unread by a user in a room: from memory, else
+/// read up to the room's position and kept (see [`crate::unread`]).
 pub async fn unread_counts(
     server: &Server,
     user_id: &str,
     room: &RoomInfo,
-) -> Result<Vec<(String, (i64, i64))>> {
+) -> Result<crate::unread::ThreadCounts> {
+    let at = server.room_position(room.nid);
+    let miss = match server.unread.get(room.nid, user_id, at) {
+        Ok(counts) => return Ok(counts),
+        Err(miss) => miss,
+    };
+    let counts = std::sync::Arc::new(
+        server
+            .store
+            .unread_counts(user_id, room.nid, room.room_id.as_str(), at)
+            .await?,
+    );
     server
-        .store
-        .unread_counts(user_id, room.nid, room.room_id.as_str())
-        .await
+        .unread
+        .fill(room.nid, user_id, miss, at, counts.clone());
+    Ok(counts)
 }
 
 /// A user's read positions in a room: the unthreaded one, and per thread.

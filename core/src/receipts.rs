@@ -152,6 +152,7 @@ impl Server {
         };
         if written {
             self.receipts.moved(r.room_id.as_str(), pos[0]);
+            self.unread.forget(room.nid, r.user_id);
         }
         self.receipt_stream.complete(&pos);
         if written {

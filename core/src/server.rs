@@ -159,6 +159,8 @@ pub struct Server {
     pub key_counts: crate::e2ee::KeyCountCache,
     /// How far each device's to-device messages are known to be acknowledged.
     pub to_device_acked: crate::e2ee::AckMarks,
+    /// Users' unread counts per room, kept in step with each commit.
+    pub unread: crate::unread::UnreadCache,
     /// Events stream.
     pub events_stream: StreamTracker,
     /// Account-data stream.
@@ -261,6 +263,7 @@ impl Server {
             typing: Default::default(),
             key_counts: Default::default(),
             to_device_acked: Default::default(),
+            unread: Default::default(),
             events_stream: StreamTracker::new(max_stream),
             account_data_stream: StreamTracker::new(max_ad),
             to_device_stream: StreamTracker::new(max_to_device),
@@ -1144,6 +1147,16 @@ impl Server {
             .collect();
         (write.push_actions, write.push_queue) = crate::push::writes(extras.push, &written);
         let push_queued = !write.push_queue.is_empty();
+        let counted = write
+            .push_actions
+            .iter()
+            .filter(|a| a.counted)
+            .map(|a| crate::unread::Counted {
+                user_id: a.user_id.clone(),
+                thread_id: a.thread_id.clone(),
+                highlight: a.highlight,
+            })
+            .collect();
         write.backward_add = extras.backward_add;
         write.backward_remove = extras.backward_remove;
         let member_override = extras.current.as_ref().map(|c| {
@@ -1179,6 +1192,7 @@ impl Server {
                 member_override,
                 outbox: write_has_outbox,
                 push_queued,
+                counted,
             },
             reply,
         };
@@ -1251,6 +1265,7 @@ impl Server {
             member_override,
             outbox,
             push_queued,
+            counted,
         } = p;
         let mut stored = Vec::with_capacity(built.len());
         let mut member_changes = Vec::new();
@@ -1332,6 +1347,8 @@ impl Server {
             }
         }
         if let Some(last) = positions.last() {
+            let prev = self.room_position(room.nid);
+            self.unread.advance(room.nid, prev, *last, &counted);
             self.room_positions
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1461,6 +1478,8 @@ struct Publish {
     outbox: Vec<String>,
     /// Whether notifications for push gateways were queued.
     push_queued: bool,
+    /// The counted push actions written, for the unread counts held in memory.
+    counted: Vec<crate::unread::Counted>,
 }
 
 /// What a write carries beyond its events.

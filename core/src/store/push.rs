@@ -175,17 +175,19 @@ impl Store {
     /// A user's unread `(notifications, highlights)` in a room per thread, in one query: the
     /// counted push actions after their read position, which for each action is the later of
     /// their unthreaded receipt and the receipt of the action's own thread (the later of
-    /// `m.read` and `m.read.private`). Threads with nothing unread are left out.
+    /// `m.read` and `m.read.private`). Threads with nothing unread are left out. Only actions
+    /// at or below stream position `up_to` are counted.
     pub async fn unread_counts(
         &self,
         user_id: &str,
         room_nid: i64,
         room_id: &str,
+        up_to: i64,
     ) -> Result<Vec<(String, Counts)>> {
         let rows = sqlx::query(
             "SELECT a.thread_id, COUNT(*), CAST(COALESCE(SUM(a.highlight), 0) AS BIGINT) \
              FROM event_push_actions a WHERE a.user_id = $1 AND a.room_nid = $2 \
-             AND a.counted = 1 \
+             AND a.counted = 1 AND a.stream_ordering <= $4 \
              AND a.stream_ordering > COALESCE((SELECT MAX(r.event_stream) FROM receipts r \
                  WHERE r.user_id = $1 AND r.room_id = $3 AND r.thread_id = '' \
                  AND r.receipt_type IN ('m.read', 'm.read.private')), 0) \
@@ -197,6 +199,7 @@ impl Store {
         .bind(user_id)
         .bind(room_nid)
         .bind(room_id)
+        .bind(up_to)
         .fetch_all(self.pool())
         .await?;
         Ok(rows
