@@ -123,8 +123,8 @@ async fn drain(server: &Server, client: &reqwest::Client, pusher_id: i64) {
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
-        let pusher = match server.store.pusher_by_id(pusher_id).await {
-            Ok(p) => p,
+        let pusher = match server.push.pushers(&server.store, &row.user_id).await {
+            Ok(ps) => ps.iter().find(|p| p.id == pusher_id).cloned(),
             Err(e) => {
                 tracing::warn!(pusher = pusher_id, error = %e, "reading a pusher");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -220,8 +220,11 @@ async fn notification_body(
     mut data: Map<String, Value>,
     row: &PushQueueRow,
 ) -> myelin_core::Result<Option<Value>> {
-    let Ok(ev) = server.event(row.event_nid).await else {
-        return Ok(None);
+    let ev = match server.event(row.event_nid).await {
+        Ok(ev) => ev,
+        // Gone (purged, say): nothing to notify. Any other failure is retried.
+        Err(_) if server.store.event_by_nid(row.event_nid).await?.is_none() => return Ok(None),
+        Err(e) => return Err(e),
     };
     data.remove("url");
     let event_id_only = data.get("format").and_then(Value::as_str) == Some("event_id_only");

@@ -71,6 +71,7 @@ pub async fn sync(
         use_state_after: flag(&q.use_state_after),
         timeout: Duration::from_millis(timeout),
         set_presence: q.set_presence,
+        holds_presence: true,
         ack_to_device: since.map(|s| s.to_device),
     };
     Ok(Json(server.sync(&req).await?))

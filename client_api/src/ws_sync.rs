@@ -501,8 +501,7 @@ fn presence_value(v: Option<&Value>) -> Result<Option<String>, Ending> {
 }
 
 fn valid_presence(p: &Option<String>) -> bool {
-    p.as_deref()
-        .is_none_or(|p| matches!(p, "online" | "unavailable" | "offline"))
+    myelin_core::presence::check_set_presence(p.as_deref()).is_ok()
 }
 
 impl Conn {
@@ -720,6 +719,7 @@ impl Conn {
             use_state_after,
             timeout: Duration::ZERO,
             set_presence: self.set_presence.clone(),
+            holds_presence: false,
             // Resuming from `since` acknowledges what came before it, as over HTTP.
             ack_to_device: since.map(|s| s.to_device),
         };

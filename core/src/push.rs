@@ -210,9 +210,12 @@ async fn evaluate_inner(
             }
             _ => None,
         };
+        // An invitee who is not in the room is notified, not counted as unread in it.
+        let mut uncounted = None;
         if let Some(i) = invitee.as_deref() {
             if ours(i) && !users.contains(&i) && i != pdu.sender.as_str() {
                 users.push(i);
+                uncounted = Some(i);
             }
         }
         if users.is_empty() {
@@ -256,7 +259,7 @@ async fn evaluate_inner(
                 user_id: user.to_owned(),
                 thread_id: thread_id.clone(),
                 highlight: actions.iter().any(Action::is_highlight),
-                counted: local_joined.contains(&user),
+                counted: uncounted != Some(user),
                 actions: serde_json::to_string(actions)?,
                 pushers,
             });

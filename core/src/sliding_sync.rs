@@ -333,7 +333,7 @@ fn validate(body: &Body) -> Result<()> {
         .as_ref()
         .and_then(|t| t.since.as_deref())
     {
-        if since.parse::<u64>().is_err() {
+        if !since.parse::<i64>().is_ok_and(|s| s >= 0) {
             return Err(Error::invalid_param("Invalid to_device since token"));
         }
     }
@@ -669,7 +669,7 @@ impl Server {
 
         // Rooms: what changed for each selected room since it was last sent.
         let mut rooms_out = Map::new();
-        let mut first_sent: Vec<i64> = Vec::new();
+        let mut first_sent: HashSet<i64> = HashSet::new();
         for c in cands.iter().chain(extra.iter()) {
             let Some(config) = selected.get(&c.room.nid) else {
                 continue;
@@ -680,7 +680,7 @@ impl Server {
                 .await?
             {
                 if sent.is_none() {
-                    first_sent.push(c.room.nid);
+                    first_sent.insert(c.room.nid);
                 }
                 state.rooms.insert(c.room.nid, record);
                 rooms_out.insert(c.room.room_id.to_string(), Value::Object(room_body));
@@ -797,14 +797,8 @@ impl Server {
 
         if let Some(tc) = ext.typing.as_ref().filter(|t| t.enabled == Some(true)) {
             // Rooms sent for the first time now get who types there (if anyone); the others
-            // the rooms whose typing set changed since the previous response.
-            let changed: HashSet<String> = match since {
-                Some(s) if s.typing < now.typing => self
-                    .typing_changed_rooms(s.typing, now.typing)
-                    .into_iter()
-                    .collect(),
-                _ => HashSet::new(),
-            };
+            // their typing set if it changed since the previous response (as `/sync` does).
+            let everything = crate::filter::EventFilter::default();
             let mut rooms = Map::new();
             for (nid, sent) in &state.rooms {
                 if sent.membership != "join"
@@ -815,19 +809,10 @@ impl Server {
                 let Some(id) = room_ids.get(nid) else {
                     continue;
                 };
-                let fresh = since.is_none() || first_sent.contains(nid);
-                let event = if fresh {
-                    self.typing_event(id).filter(|e| {
-                        e["content"]["user_ids"]
-                            .as_array()
-                            .is_some_and(|u| !u.is_empty())
-                    })
-                } else if changed.contains(id) {
-                    self.typing_event(id)
-                } else {
-                    None
-                };
-                if let Some(event) = event {
+                let since = since
+                    .filter(|_| !first_sent.contains(nid))
+                    .map(|s| s.typing);
+                if let Some(event) = self.typing_for_sync(id, since, now.typing, &everything) {
                     rooms.insert(id.clone(), event);
                 }
             }

@@ -31,6 +31,10 @@ pub struct SyncRequest {
     pub timeout: Duration,
     /// `set_presence` of the request (`online`, `unavailable`, `offline`); `None` = `online`.
     pub set_presence: Option<String>,
+    /// Whether the request itself counts its device as syncing while it runs (`GET /sync`).
+    /// A WebSocket stream does not: its socket holds the device's presence guard, which
+    /// `ping` frames update.
+    pub holds_presence: bool,
     /// To-device messages up to this position are acknowledged (deleted) before the batch is
     /// read. `GET /sync` passes `since`'s position (the spec's rule); the WebSocket stream
     /// passes only what the client acknowledged, since it computes batches from the last one
@@ -93,9 +97,10 @@ impl Server {
     pub async fn sync_batch(&self, req: &SyncRequest) -> Result<(Value, bool)> {
         crate::presence::check_set_presence(req.set_presence.as_deref())?;
         // The device counts as syncing while this request runs (and for a grace period).
-        let _syncing =
+        let _syncing = req.holds_presence.then(|| {
             self.presence
-                .syncing(&req.user_id, &req.device_id, req.set_presence.as_deref());
+                .syncing(&req.user_id, &req.device_id, req.set_presence.as_deref())
+        });
         let mut wake = self.notifier.subscribe(&req.user_id);
         wake.borrow_and_update();
         let deadline = tokio::time::Instant::now() + req.timeout;

@@ -305,35 +305,6 @@ impl Server {
         }
     }
 
-    /// The `m.typing` event of a room: who types now. `None` when nobody has typed there since
-    /// start; an empty `user_ids` when the last typist stopped.
-    pub fn typing_event(&self, room_id: &str) -> Option<Value> {
-        let g = self.typing.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let room = g.rooms.get(room_id)?;
-        let mut users: Vec<&String> = room.users.keys().collect();
-        users.sort();
-        Some(json!({"type": "m.typing", "content": {"user_ids": users}}))
-    }
-
-    /// The rooms whose typing set changed at a position in `(since, now]` (for the
-    /// sliding-sync extension; `since` 0 gives the rooms where someone types). A `since` ahead
-    /// of the stream (a token of an earlier run) counts as 0.
-    pub fn typing_changed_rooms(&self, since: i64, now: i64) -> Vec<String> {
-        let since = if since > now { 0 } else { since };
-        let g = self.typing.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.rooms
-            .iter()
-            .filter(|(_, r)| {
-                if since == 0 {
-                    !r.users.is_empty() && r.changed <= now
-                } else {
-                    r.changed > since && r.changed <= now
-                }
-            })
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
     /// The `m.typing` event a sync between typing positions `since` (`None`: initial) and
     /// `now` reports for a joined room, if the filter lets it through.
     pub fn typing_for_sync(

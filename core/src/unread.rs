@@ -149,15 +149,20 @@ impl UnreadCache {
         let Some(room) = g.rooms.get_mut(&room_nid) else {
             return;
         };
+        let mut by_user: HashMap<&str, Vec<&Counted>> = HashMap::new();
+        for c in counted {
+            by_user.entry(c.user_id.as_str()).or_default().push(c);
+        }
         for (user, e) in room.users.iter_mut() {
             if e.as_of != prev {
                 continue;
             }
             e.as_of = to;
-            let mine = counted.iter().filter(|c| &c.user_id == user);
-            let mut counts: Option<Vec<(String, Counts)>> = None;
+            let Some(mine) = by_user.get(user.as_str()) else {
+                continue;
+            };
+            let mut v = e.counts.as_ref().clone();
             for c in mine {
-                let v = counts.get_or_insert_with(|| e.counts.as_ref().clone());
                 let hl = i64::from(c.highlight);
                 match v.iter_mut().find(|(t, _)| *t == c.thread_id) {
                     Some((_, (n, h))) => {
@@ -167,9 +172,7 @@ impl UnreadCache {
                     None => v.push((c.thread_id.clone(), (1, hl))),
                 }
             }
-            if let Some(v) = counts {
-                e.counts = Arc::new(v);
-            }
+            e.counts = Arc::new(v);
         }
     }
 

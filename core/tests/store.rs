@@ -358,6 +358,7 @@ async fn sync_from_memory_equals_sync_from_database(kind: &str) {
         use_state_after: true,
         timeout: std::time::Duration::ZERO,
         set_presence: None,
+        holds_presence: true,
         ack_to_device: None,
     };
     let ids = |body: &serde_json::Value| -> Vec<String> {

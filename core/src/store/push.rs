@@ -265,17 +265,6 @@ impl Store {
         Ok(rows.iter().map(pusher_row).collect())
     }
 
-    /// A pusher by ID.
-    pub async fn pusher_by_id(&self, id: i64) -> Result<Option<PusherRow>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{PUSHER_SELECT} WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.as_ref().map(pusher_row))
-    }
-
     /// Adds or replaces the pusher `(app_id, pushkey)` of `p.user_id`; unless `append`, the
     /// pushers with that app ID and pushkey of other users are removed. Returns the users
     /// whose pushers changed.
