@@ -43,6 +43,8 @@ pub fn start(server: Arc<Server>) {
     };
     tokio::spawn(async move {
         let running: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        // At start-up and every so often, from the database; otherwise as the writer queues.
+        let mut pushers = queued_pushers(&server).await;
         loop {
             if server
                 .shutting_down
@@ -50,17 +52,24 @@ pub fn start(server: Arc<Server>) {
             {
                 return;
             }
-            match server.store.push_queue_heads().await {
-                Ok(heads) => {
-                    for (pusher, _) in heads {
-                        spawn_pusher(&server, &client, &running, pusher);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "reading the push queue"),
+            for pusher in pushers {
+                spawn_pusher(&server, &client, &running, pusher);
             }
-            let _ = tokio::time::timeout(RESCAN, server.push.queued.notified()).await;
+            pushers = match tokio::time::timeout(RESCAN, server.push.queued.next()).await {
+                Ok(p) => p,
+                Err(_) => queued_pushers(&server).await,
+            };
         }
     });
+}
+
+/// The pushers with queued notifications, from the database (none when it fails: the next
+/// rescan tries again).
+async fn queued_pushers(server: &Server) -> Vec<i64> {
+    server.store.queued_pushers().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading the push queue");
+        Vec::new()
+    })
 }
 
 /// Runs a pusher's queue unless it already runs (its task then finds the new rows itself).
@@ -86,7 +95,7 @@ fn spawn_pusher(
             .remove(&pusher);
         // Rows queued while stopping: have the main loop look again.
         if let Ok(Some(_)) = server.store.push_queue_next(pusher).await {
-            server.push.queued.notify_one();
+            server.push.queued.wake(vec![pusher]);
         }
     });
 }

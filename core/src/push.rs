@@ -49,8 +49,8 @@ pub struct Push {
     rules_epoch: AtomicU64,
     pushers: RwLock<HashMap<String, Arc<Vec<PusherRow>>>>,
     pushers_epoch: AtomicU64,
-    /// Woken when notifications are queued (the push sender waits on it).
-    pub queued: tokio::sync::Notify,
+    /// Pushers with newly queued notifications (the push sender waits on it).
+    pub queued: crate::server::KeyedSignal<i64>,
 }
 
 impl Push {

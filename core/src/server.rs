@@ -1146,7 +1146,9 @@ impl Server {
             .zip(positions.clone())
             .collect();
         (write.push_actions, write.push_queue) = crate::push::writes(extras.push, &written);
-        let push_queued = !write.push_queue.is_empty();
+        let mut pushers: Vec<i64> = write.push_queue.iter().map(|q| q.pusher_id).collect();
+        pushers.sort_unstable();
+        pushers.dedup();
         let counted = write
             .push_actions
             .iter()
@@ -1191,7 +1193,7 @@ impl Server {
                 tip_group: head.state_group,
                 member_override,
                 outbox: write_has_outbox,
-                push_queued,
+                pushers,
                 counted,
             },
             reply,
@@ -1264,7 +1266,7 @@ impl Server {
             tip_group,
             member_override,
             outbox,
-            push_queued,
+            pushers,
             counted,
         } = p;
         let mut stored = Vec::with_capacity(built.len());
@@ -1360,9 +1362,7 @@ impl Server {
         }
         self.events_stream.complete(&positions);
         self.outbox_signal.wake(outbox);
-        if push_queued {
-            self.push.queued.notify_one();
-        }
+        self.push.queued.wake(pushers);
         // Everyone with a membership (joined, invited, knocking, just left) hears of it.
         match members {
             Some(m) => self.notifier.wake(m.keys().map(|s| s.as_str())),
@@ -1476,8 +1476,8 @@ struct Publish {
     member_override: Option<Vec<(String, String)>>,
     /// Destinations with new outbox rows.
     outbox: Vec<String>,
-    /// Whether notifications for push gateways were queued.
-    push_queued: bool,
+    /// Pushers with notifications queued by the write.
+    pushers: Vec<i64>,
     /// The counted push actions written, for the unread counts held in memory.
     counted: Vec<crate::unread::Counted>,
 }
@@ -1501,30 +1501,42 @@ pub(crate) struct Extras {
     push: Vec<crate::push::PendingPush>,
 }
 
-/// Destinations whose outbox has new rows, for the federation sender.
-#[derive(Default)]
-pub struct OutboxSignal {
-    pending: std::sync::Mutex<std::collections::HashSet<String>>,
+/// Queues with new rows, by key, for the one task that sends them: destinations for the
+/// federation sender ([`OutboxSignal`]), pushers for the push sender.
+pub struct KeyedSignal<K> {
+    pending: std::sync::Mutex<std::collections::HashSet<K>>,
     notify: tokio::sync::Notify,
 }
 
-impl OutboxSignal {
-    /// Records destinations with new rows and wakes the sender.
-    pub fn wake(&self, dests: Vec<String>) {
-        if dests.is_empty() {
+impl<K> Default for KeyedSignal<K> {
+    fn default() -> Self {
+        KeyedSignal {
+            pending: Default::default(),
+            notify: Default::default(),
+        }
+    }
+}
+
+/// Destinations whose outbox has new rows, for the federation sender.
+pub type OutboxSignal = KeyedSignal<String>;
+
+impl<K: Eq + std::hash::Hash> KeyedSignal<K> {
+    /// Records queues with new rows and wakes the sender.
+    pub fn wake(&self, keys: Vec<K>) {
+        if keys.is_empty() {
             return;
         }
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(dests);
+            .extend(keys);
         self.notify.notify_one();
     }
 
-    /// Waits until some destination has new rows, and takes the set.
-    pub async fn next(&self) -> Vec<String> {
+    /// Waits until some queue has new rows, and takes the set.
+    pub async fn next(&self) -> Vec<K> {
         loop {
-            let taken: Vec<String> = self
+            let taken: Vec<K> = self
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

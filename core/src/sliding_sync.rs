@@ -527,6 +527,7 @@ impl Server {
     /// connection and nothing changed.
     pub async fn sliding_sync(&self, req: &SlidingRequest) -> Result<Value> {
         validate(&req.body)?;
+        crate::presence::check_set_presence(req.set_presence.as_deref())?;
         let key = (
             req.user_id.clone(),
             req.device_id.clone(),

@@ -343,15 +343,13 @@ impl Store {
         w.commit().await
     }
 
-    /// Per pusher with queued notifications: `(pusher, when its oldest is due)`.
-    pub async fn push_queue_heads(&self) -> Result<Vec<(i64, i64)>> {
-        let rows = sqlx::query(
-            "SELECT q.pusher_id, q.next_attempt_ts FROM push_queue q WHERE q.id = \
-             (SELECT MIN(id) FROM push_queue o WHERE o.pusher_id = q.pusher_id)",
+    /// The pushers with queued notifications.
+    pub async fn queued_pushers(&self) -> Result<Vec<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT pusher_id FROM push_queue")
+                .fetch_all(self.pool())
+                .await?,
         )
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// A pusher's oldest queued notification.
